@@ -7,6 +7,7 @@ Every failure is a CheckpointError that names the file and the key.
 """
 import json
 import os
+import re
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
@@ -86,9 +87,11 @@ class Checkpoint(Mapping):
                 except Exception:
                     raise CheckpointError(f"{f}: cannot load ({e})") from None
             except Exception as e:  # UnpicklingError for anything beyond plain tensors and containers
+                found = re.search(r"GLOBAL (\S+)", str(e))
+                what = f"it pickles {found.group(1)}" if found else f"{type(e).__name__}"
                 raise CheckpointError(
-                    f"{f}: refused by torch.load(weights_only=True) ({type(e).__name__}: {str(e)[:200]}). "
-                    "Only plain tensor checkpoints are loaded; use the .safetensors version of this file."
+                    f"{f}: refused by torch.load(weights_only=True): {what}. "
+                    "Only plain tensor pickles are loaded; use the .safetensors version of this checkpoint."
                 ) from None
             if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
                 sd = sd["state_dict"]  # original (Lightning-era) SD checkpoints nest the weights
