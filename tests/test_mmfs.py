@@ -1,0 +1,331 @@
+"""MMFS and its deformable-attention op: the op against the formula of kernel.md, gradients, and the module's semantics
+(visibility, joint softmax, image recency, null key, batch independence, adapter mode)."""
+import sys
+import types
+import warnings
+
+import pytest
+import torch
+
+import mmfs
+from mmfs import MMFS, deform_attn, deform_attn_reference, image_recency, level_starts, pixel_centres
+
+
+# -----------------------------------------------------------------------------
+# The op
+
+
+def loop_deform_attn(value, spatial_shapes, sampling_locations, attention_weights):
+    """The formula of kernel.md, one sampling point at a time: h = y*H - 0.5, w = x*W - 0.5, bilinear between the
+    four surrounding pixels, a pixel outside [0,H) x [0,W) counting as zero."""
+    B, S, M, D = value.shape
+    _, Q, _, L, P, _ = sampling_locations.shape
+    out = value.new_zeros(B, Q, M, D)
+    start = 0
+    for l, (H, W) in enumerate(spatial_shapes.tolist()):
+        V = value[:, start:start + H * W].view(B, H, W, M, D)
+        start += H * W
+
+        def pixel(b, i, j, m):
+            return V[b, i, j, m] if 0 <= i < H and 0 <= j < W else value.new_zeros(D)
+
+        for b in range(B):
+            for q in range(Q):
+                for m in range(M):
+                    for p in range(P):
+                        x, y = sampling_locations[b, q, m, l, p].tolist()
+                        h, w = y * H - 0.5, x * W - 0.5
+                        h0, w0 = int(torch.tensor(h).floor()), int(torch.tensor(w).floor())
+                        lh, lw = h - h0, w - w0
+                        hh, hw = 1 - lh, 1 - lw
+                        val = (hh * hw * pixel(b, h0, w0, m) + hh * lw * pixel(b, h0, w0 + 1, m)
+                               + lh * hw * pixel(b, h0 + 1, w0, m) + lh * lw * pixel(b, h0 + 1, w0 + 1, m))
+                        out[b, q, m] += attention_weights[b, q, m, l, p] * val
+    return out.reshape(B, Q, M * D)
+
+
+def make_op_inputs(B=2, Q=5, M=2, D=3, P=3, shapes=((3, 5), (2, 3)), images=2, lo=-0.3, hi=1.3, seed=0,
+                   dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    ss = torch.tensor(list(shapes) * images)                                   # images folded into levels
+    L = len(ss)
+    S = int((ss[:, 0] * ss[:, 1]).sum())
+    value = torch.randn(B, S, M, D, generator=g, dtype=dtype)
+    loc = torch.rand(B, Q, M, L, P, 2, generator=g, dtype=dtype) * (hi - lo) + lo
+    w = torch.rand(B, Q, M, L, P, generator=g, dtype=dtype)                     # deliberately not normalised
+    return value, ss, level_starts(ss), loc, w
+
+
+def test_reference_matches_formula_inside_outside_and_on_borders():
+    value, ss, starts, loc, w = make_op_inputs()
+    # Exact borders, pixel centres and grid lines of the first level (3 x 5) and just outside the map.
+    special = torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.0, 1.0], [0.1, 0.5 / 3], [0.5, 1 / 3], [-0.1, 0.5],
+                            [1.1, 0.5], [0.5, -0.2], [0.5, 1.0 + 0.5 / 3], [-5.0, 7.0]], dtype=value.dtype)
+    loc[0, :, :, :, :2] = special[torch.arange(5 * 2 * 4 * 2) % len(special)].view(5, 2, 4, 2, 2)
+    ref = deform_attn_reference(value, ss, starts, loc, w)
+    torch.testing.assert_close(ref, loop_deform_attn(value, ss, loc, w), rtol=1e-12, atol=1e-12)
+
+
+def test_reference_single_level_square_and_single_image():
+    value, ss, starts, loc, w = make_op_inputs(B=1, Q=4, M=3, D=2, P=2, shapes=((4, 4),), images=1, seed=1)
+    torch.testing.assert_close(deform_attn_reference(value, ss, starts, loc, w),
+                               loop_deform_attn(value, ss, loc, w), rtol=1e-12, atol=1e-12)
+
+
+def test_reference_output_channel_order_is_head_then_channel():
+    # Weight only head 1: the output's first D channels (head 0) are zero, the next D are head 1's.
+    value, ss, starts, loc, w = make_op_inputs(M=2, D=3)
+    w[:, :, 0] = 0
+    out = deform_attn_reference(value, ss, starts, loc, w)
+    assert out[..., :3].abs().max() == 0 and out[..., 3:].abs().max() > 0
+
+
+def test_reference_rejects_inconsistent_shapes():
+    value, ss, starts, loc, w = make_op_inputs()
+    with pytest.raises(ValueError, match="spatial_shapes"):
+        deform_attn_reference(value[:, 1:], ss, starts, loc, w)
+
+
+def off_grid_locations(loc, ss, margin=0.05):
+    """Move every location off the pixel grid lines (h or w an integer), where the bilinear gradient jumps."""
+    L = len(ss)
+    size = ss.flip(-1).to(loc.dtype).view(1, 1, 1, L, 1, 2)                    # (W, H) per level
+    pix = loc * size - 0.5
+    frac = pix - pix.floor()
+    pix = pix + torch.where((frac < margin) | (frac > 1 - margin), 0.3, 0.0)
+    return (pix + 0.5) / size
+
+
+def test_reference_gradcheck():
+    value, ss, starts, loc, w = make_op_inputs(B=1, Q=3, M=2, D=2, P=2, seed=2)
+    loc = off_grid_locations(loc, ss)
+    for t in (value, loc, w):
+        t.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda v, l, a: deform_attn_reference(v, ss, starts, l, a), (value, loc, w))
+
+
+def test_deform_attn_uses_reference_on_cpu_and_when_forced(monkeypatch):
+    value, ss, starts, loc, w = make_op_inputs()
+    assert torch.equal(deform_attn(value, ss, starts, loc, w), deform_attn_reference(value, ss, starts, loc, w))
+    monkeypatch.setattr(mmfs, "_kernel_failed", False)
+    assert not mmfs._wants_kernel(value)                                      # CPU tensor
+    gpu_like = types.SimpleNamespace(is_cuda=True)
+    assert mmfs._wants_kernel(gpu_like)
+    monkeypatch.setenv("MMI_DEFORM_REFERENCE", "1")
+    assert not mmfs._wants_kernel(gpu_like)
+
+
+def test_deform_attn_falls_back_with_one_warning_when_the_kernel_is_unavailable(monkeypatch):
+    class KernelUnavailable(RuntimeError):
+        pass
+
+    calls = []
+
+    def cuda_deform_attn(*args):
+        calls.append(1)
+        raise KernelUnavailable("no nvrtc here")
+
+    fake = types.SimpleNamespace(KernelUnavailable=KernelUnavailable, cuda_deform_attn=cuda_deform_attn)
+    monkeypatch.setitem(sys.modules, "kernels", fake)
+    monkeypatch.setattr(mmfs, "_kernel_failed", False)
+    monkeypatch.setattr(mmfs, "_wants_kernel", lambda v: not mmfs._kernel_failed)  # pretend the tensors are on a GPU
+    args = make_op_inputs()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out1, out2 = deform_attn(*args), deform_attn(*args)
+    assert len(calls) == 1 and len(caught) == 1 and "no nvrtc here" in str(caught[0].message)
+    assert torch.equal(out1, deform_attn_reference(*args)) and torch.equal(out2, out1)
+
+
+# -----------------------------------------------------------------------------
+# The module
+
+SHAPES = torch.tensor([[4, 6], [2, 3]])  # one image's levels, non-square
+S = 4 * 6 + 2 * 3
+
+
+def tiny_mmfs(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(query_dim=12, value_dim=10, n_heads=2, n_levels=2, n_points=3, head_dim=4, out_dim=8,
+               offset_init=1.5, max_images=6, base_grid=(2, 3))
+    cfg.update(kw)
+    m = MMFS(**cfg).double()
+    with torch.no_grad():  # break the zero initialisations so every path is exercised
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return m
+
+
+def inputs(B=2, Q=4, N=3, seed=0, dim=12, vdim=10):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Q, dim, generator=g, dtype=torch.float64)
+    ref = torch.rand(B, Q, 2, generator=g, dtype=torch.float64)
+    v = torch.randn(B, N, S, vdim, generator=g, dtype=torch.float64)
+    return q, ref, v
+
+
+def test_image_recency_counts_visible_images_backwards():
+    vis = torch.tensor([[True, False, True, True], [False, False, False, False], [True, True, False, False]])
+    assert image_recency(vis).tolist() == [[3, 0, 2, 1], [0, 0, 0, 0], [2, 1, 0, 0]]
+
+
+def test_masked_images_contribute_exactly_nothing():
+    m = tiny_mmfs()
+    q, ref, v = inputs()
+    vis = torch.rand(2, 4, 3, generator=torch.Generator().manual_seed(1)) > 0.3
+    vis[:, :, 1] = torch.tensor([[True, False, True, False], [False, True, False, False]])
+    out = m(q, ref, v, SHAPES, vis)
+    v2 = v.clone()
+    v2[:, 1] = torch.randn_like(v2[:, 1]) * 100                                # change image 1 only
+    out2 = m(q, ref, v2, SHAPES, vis)
+    sees = vis[:, :, 1]
+    assert torch.equal(out[~sees], out2[~sees])                                # bit-identical where image 1 is masked
+    assert (out[sees] - out2[sees]).abs().amax(-1).min() > 1e-6                # and it matters where it is visible
+
+
+def test_softmax_is_joint_across_images():
+    # Image 0 has zero features (zero value: value_proj's bias is zeroed), so it adds nothing to the sum; making it
+    # visible still changes the output because it takes attention mass from image 1 in the one joint softmax.
+    # (Image 1 stays the most recent visible image, so its index embedding is unchanged.)
+    m = tiny_mmfs()
+    with torch.no_grad():
+        m.value_proj.bias.zero_()
+        m.sampling_offsets.weight.mul_(0.1)                                    # keep the points on the maps
+        m.sampling_offsets.bias.mul_(0.1)
+    m.output_proj = torch.nn.Identity()                                        # look at the heads' outputs
+    q, ref, v = inputs(N=2)
+    ref[:] = 0.5
+    v[:, 0] = 0
+    only_1 = m(q, ref, v, SHAPES, torch.tensor([False, True])).unflatten(-1, (2, 4))   # (B, Q, head, channel)
+    both = m(q, ref, v, SHAPES, torch.tensor([True, True])).unflatten(-1, (2, 4))
+    # Per head, image 1's contribution is scaled down by the share of mass image 0 took: same direction, shorter.
+    ratio = both.norm(dim=-1) / only_1.norm(dim=-1)
+    assert (ratio < 1 - 1e-3).all()
+    torch.testing.assert_close(both, ratio[..., None] * only_1, rtol=1e-10, atol=1e-12)
+
+
+def test_image_index_embedding_depends_on_recency():
+    # Swapping two visible images changes which one is "most recent": with the embedding the output changes,
+    # without it (max_images=None) the sum over images is order-free.
+    q, ref, v = inputs(N=2)
+    swapped = v.flip(1)
+    m = tiny_mmfs()
+    assert (m(q, ref, v, SHAPES) - m(q, ref, swapped, SHAPES)).abs().amax(-1).min() > 1e-6
+    m0 = tiny_mmfs(max_images=None)
+    torch.testing.assert_close(m0(q, ref, v, SHAPES), m0(q, ref, swapped, SHAPES), rtol=1e-12, atol=1e-12)
+
+
+def test_query_that_sees_no_image_outputs_exactly_the_output_bias():
+    m = tiny_mmfs()
+    q, ref, v = inputs()
+    vis = torch.ones(2, 4, 3, dtype=torch.bool)
+    vis[0, 2] = False
+    vis[1, 0] = False
+    out = m(q, ref, v, SHAPES, vis)
+    assert torch.equal(out[0, 2], m.output_proj.bias) and torch.equal(out[1, 0], m.output_proj.bias)
+    assert not torch.equal(out[0, 1], m.output_proj.bias)
+    out.sum().backward()                                                       # -inf logits give no NaN gradients
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
+def test_null_key_weighs_like_the_official_null_slots():
+    # With all logits zero, every (visible image, level, point) and the null key get the same weight:
+    # official N*L null slots of logit -log(N*L) sum to the one key of logit 0. Check it through the output:
+    # identical images, features constant c -> output = output_proj(weight_sum * value_proj(c)).
+    m = tiny_mmfs()
+    with torch.no_grad():
+        m.attention_weights.weight.zero_()
+        m.attention_weights.bias.zero_()
+        m.image_embed.weight.zero_()
+    q, ref, v = inputs(N=3)
+    v[:] = 0.7
+    ref[:] = 0.5
+    with torch.no_grad():
+        m.sampling_offsets.bias.zero_()
+        m.sampling_offsets.weight.zero_()                                      # every point at a pixel-interior centre
+    vis = torch.tensor([True, False, True])
+    out = m(q, ref, v, SHAPES, vis)
+    n = 2 * 2 * 3                                                              # visible images x levels x points
+    expect = m.output_proj(n / (n + 1) * m.value_proj(v[0, 0, 0]))
+    torch.testing.assert_close(out, expect.expand_as(out), rtol=1e-12, atol=1e-12)
+
+
+def test_shared_offsets_sample_the_same_normalised_point_on_every_level():
+    # One image, one point per head, offset bias 0: all levels are sampled at the reference point. A feature that is a
+    # linear ramp in x on every level then reads back the reference's x on every level (bilinear is exact on ramps).
+    m = tiny_mmfs(n_points=1, max_images=None, null_slot=False)
+    with torch.no_grad():
+        m.attention_weights.bias.zero_()                                       # equal weights: 1/2 per level
+        m.sampling_offsets.weight.zero_()
+        m.sampling_offsets.bias.copy_(torch.tensor([0.5, 0.0, -0.5, 0.0]))     # +-0.5 base cells (base_grid (2, 3))
+    value = torch.cat([((torch.arange(w) + 0.5) / w).repeat(h) for h, w in SHAPES.tolist()])   # x of each pixel
+    value = value.view(1, 1, S, 1).expand(1, 1, S, 10).double()
+    m.value_proj = torch.nn.Identity()                                         # read the ramp itself
+    m.head_dim = 5
+    m.output_proj = torch.nn.Identity()
+    ref = torch.tensor([[[0.45, 0.5]]], dtype=torch.float64)
+    out = m(torch.zeros(1, 1, 12, dtype=torch.float64), ref, value, SHAPES)    # (1, 1, 2 heads * 5)
+    got = out.view(2, 5)[:, 0]
+    # each head splits its weight over the 2 levels, both read x = 0.45 +- 0.5/3: the average is that x.
+    torch.testing.assert_close(got, torch.tensor([0.45 + 0.5 / 3, 0.45 - 0.5 / 3], dtype=torch.float64))
+
+
+def test_batch_entries_are_independent():
+    m = tiny_mmfs()
+    q, ref, v = inputs()
+    vis = torch.rand(2, 4, 3, generator=torch.Generator().manual_seed(3)) > 0.4
+    both = m(q, ref, v, SHAPES, vis)
+    for b in range(2):
+        one = m(q[b:b + 1], ref[b:b + 1], v[b:b + 1], SHAPES, vis[b:b + 1])
+        torch.testing.assert_close(one[0], both[b], rtol=1e-12, atol=1e-12)
+
+
+def test_gradients_reach_every_parameter_and_input():
+    m = tiny_mmfs()
+    q, ref, v = inputs()
+    q.requires_grad_(True)
+    v.requires_grad_(True)
+    m(q, ref, v, SHAPES, torch.rand(2, 4, 3, generator=torch.Generator().manual_seed(4)) > 0.3).sum().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert q.grad.abs().sum() > 0 and v.grad.abs().sum() > 0
+
+
+def test_default_init_follows_official():
+    m = MMFS(16, 24, n_heads=4, n_levels=3, n_points=8, offset_init=3.0, max_images=10)
+    assert m.sampling_offsets.weight.abs().max() == 0
+    assert m.sampling_offsets.bias.abs().max() <= 3.0 and m.sampling_offsets.bias.abs().max() > 1.0
+    assert m.attention_weights.bias.abs().max() == 0 and m.value_proj.bias.abs().max() == 0
+    assert m.output_proj.bias.abs().max() == 0 and 0.01 < m.image_embed.weight.std() < 0.03
+    assert m.sampling_offsets.out_features == 4 * 8 * 2                         # per (head, point): shared by levels
+    assert m.attention_weights.out_features == 4 * 3 * 8
+
+
+def test_adapter_mode_is_single_image_msdeformattn():
+    torch.manual_seed(0)
+    m = MMFS(16, 16, n_heads=2, n_levels=2, n_points=4, head_dim=4, max_images=None, null_slot=False,
+             shared_offsets=False)
+    assert not hasattr(m, "image_embed") and m.sampling_offsets.out_features == 2 * 2 * 4 * 2
+    # Deformable-DETR ring init: head 0 looks right (+x), head 1 left; point p at p+1 cells of its level.
+    bias = m.sampling_offsets.bias.view(2, 2, 4, 2)
+    torch.testing.assert_close(bias[0, 1, :, 0], torch.arange(1.0, 5.0))
+    torch.testing.assert_close(bias[1, 0, :, 0], -torch.arange(1.0, 5.0))
+    q, ref = torch.randn(3, 24, 16), pixel_centres(4, 6)
+    value = torch.randn(3, 1, S, 16, requires_grad=True)
+    out = m(q, ref, value, SHAPES)
+    assert out.shape == (3, 24, 16)
+    out.square().sum().backward()
+    assert value.grad.abs().sum() > 0 and all(p.grad is not None for p in m.parameters())
+    # Constant features: attention weights sum to one (no null key), so the output is exactly the projected constant
+    # when all points fall inside the map (offsets 0, reference at the centre).
+    with torch.no_grad():
+        m.sampling_offsets.bias.zero_()
+    const = m(q, torch.full((24, 2), 0.5), torch.ones(3, 1, S, 16), SHAPES)
+    torch.testing.assert_close(const, m.output_proj(m.value_proj(torch.ones(16))).expand_as(const))
+
+
+def test_pixel_centres_are_row_major_xy():
+    c = pixel_centres(2, 4)
+    assert c.shape == (8, 2)
+    torch.testing.assert_close(c[1], torch.tensor([0.375, 0.25]))
+    torch.testing.assert_close(c[4], torch.tensor([0.125, 0.75]))
