@@ -1,0 +1,264 @@
+"""The MMFS deformable-attention kernel (deform_attn.cu): build, load and autograd wrapper.
+
+    cuda_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        CUDA tensors -> [B, Q, M*D], differentiable in value, locations and weights. The .cu is compiled on first use,
+        through NVRTC (torch.cuda._compile_kernel, ~0.5 s, no toolkit needed) or else nvcc + ctypes; when neither
+        works it raises KernelUnavailable with the reasons, and mmfs.deform_attn falls back to the torch reference.
+    cpu_emulated_deform_attn(..., threads=64, blocks=None)
+        The same .cu compiled by g++ (portable.cuh emulates CUDA threads on the CPU) and called through ctypes: how the
+        tests check the kernel's arithmetic, indexing and atomics without a GPU. fp32 and fp64.
+
+Layouts are Deformable DETR's (see deform_attn.cu). fp16/bf16 inputs are computed in fp32 and cast back.
+"""
+
+import contextlib
+import ctypes
+import hashlib
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.autograd.function import once_differentiable
+
+KERNEL_DIR = Path(__file__).resolve().parent
+SOURCE = KERNEL_DIR / "deform_attn.cu"
+HEADER = KERNEL_DIR / "portable.cuh"
+BUILD_DIR = KERNEL_DIR / "build"  # git-ignored cache of compiled libraries, one per source hash and flags
+
+# g++ flags of the CPU emulation; MMI_KERNEL_SANITIZE=1 (kernels/sanitize.sh) adds ASan/UBSan.
+CPU_FLAGS = ["-O2", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-x", "c++"]
+SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
+
+
+class KernelUnavailable(RuntimeError):
+    """The kernel cannot run here (no GPU, no compiler, build or load failure); the message says why."""
+
+
+# ----------------------------------------------------------------------------------------------------------- building
+
+def kernel_source():
+    """The .cu text with portable.cuh pasted in, so NVRTC needs no include path."""
+    return SOURCE.read_text().replace('#include "portable.cuh"', HEADER.read_text())
+
+
+def _cached_build(tag, compiler_cmd, ext=".so"):
+    """Compile kernel_source() with compiler_cmd (a list ending where the input and output go) into BUILD_DIR,
+    keyed by a hash of the source and the command; concurrent builders race harmlessly (atomic rename)."""
+    src = kernel_source()
+    key = hashlib.sha256((src + "\0" + " ".join(compiler_cmd)).encode()).hexdigest()[:16]
+    for folder in (BUILD_DIR, Path(tempfile.gettempdir()) / "mmi-kernels"):  # the repo may be read-only
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            break
+        except OSError:
+            continue
+    lib = folder / f"{tag}-{key}{ext}"
+    if lib.exists():
+        return lib
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        cu = Path(tmp) / "deform_attn.cu"
+        cu.write_text(src)
+        out = Path(tmp) / lib.name
+        proc = subprocess.run(compiler_cmd + [str(cu), "-o", str(out)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise KernelUnavailable(f"{compiler_cmd[0]} failed to build {SOURCE.name}:\n{proc.stderr[-4000:]}")
+        os.replace(out, lib)
+    return lib
+
+
+def _load_library(path):
+    """ctypes handle with the signatures of the four *_launch entry points of deform_attn.cu."""
+    lib = ctypes.CDLL(str(path))
+    ptr, i32 = ctypes.c_void_p, ctypes.c_int
+    for suffix in ("f32", "f64"):
+        fwd, bwd = getattr(lib, f"deform_attn_forward_{suffix}_launch"), getattr(lib, f"deform_attn_backward_{suffix}_launch")
+        fwd.argtypes = [ptr, i32, i32] + [ptr] * 6 + [i32] * 7  # stream, grid, block, 6 tensors, B S M D Q L P
+        bwd.argtypes = [ptr, i32, i32] + [ptr] * 9 + [i32] * 7
+        fwd.restype = bwd.restype = i32
+    return lib
+
+
+class _CtypesBackend:
+    """Runs the *_launch entry points of a shared library (the g++ emulation, or an nvcc build on the GPU)."""
+
+    def __init__(self, lib, stream_of=lambda device: None):
+        self.lib, self.stream_of = lib, stream_of
+
+    def __call__(self, kernel, grid, block, tensors, sizes):
+        launch = getattr(self.lib, kernel + "_launch")
+        err = launch(self.stream_of(tensors[0].device), grid, block, *[t.data_ptr() for t in tensors], *sizes)
+        if err != 0:
+            raise RuntimeError(f"{kernel} launch failed with cudaError {err}")
+
+
+class _NvrtcBackend:
+    """Kernels compiled at run time by NVRTC through torch (private API, hence the nvcc fallback)."""
+
+    def __init__(self, device):
+        major, minor = torch.cuda.get_device_capability(device)
+        src = kernel_source()
+        self.kernels = {name: torch.cuda._compile_kernel(src, name, compute_capability=f"{major}{minor}")
+                        for name in _KERNEL_NAMES}
+
+    def __call__(self, kernel, grid, block, tensors, sizes):
+        stream = torch.cuda.current_stream(tensors[0].device)
+        self.kernels[kernel](grid=(grid, 1, 1), block=(block, 1, 1), args=[*tensors, *sizes], stream=stream)
+
+
+_KERNEL_NAMES = [f"deform_attn_{d}_{s}" for d in ("forward", "backward") for s in ("f32", "f64")]
+_CPU = {}  # sanitize flag -> backend
+_GPU = {}  # device index -> backend, or the KernelUnavailable it raised (so a failed build is not retried per call)
+
+
+def cpu_library_path(sanitize=None):
+    """Build (or find in the cache) the g++ emulation library and return its path."""
+    if sanitize is None:
+        sanitize = os.environ.get("MMI_KERNEL_SANITIZE") == "1"
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        raise KernelUnavailable(f"the CPU emulation of the kernel needs a C++20 compiler; {cxx!r} is not on the PATH")
+    return _cached_build("cpu-asan" if sanitize else "cpu", [cxx] + CPU_FLAGS + (SANITIZE_FLAGS if sanitize else []))
+
+
+def _cpu_backend():
+    sanitize = os.environ.get("MMI_KERNEL_SANITIZE") == "1"
+    if sanitize not in _CPU:
+        _CPU[sanitize] = _CtypesBackend(_load_library(cpu_library_path(sanitize)))
+    return _CPU[sanitize]
+
+
+def _gpu_backend(device):
+    """NVRTC first, then nvcc + ctypes; KernelUnavailable listing every route's failure."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _GPU:
+        reasons = []
+        try:
+            with torch.cuda.device(index):
+                _GPU[index] = _NvrtcBackend(index)
+        except Exception as e:  # any failure of the private NVRTC API means: try the next route
+            reasons.append(f"NVRTC: {type(e).__name__}: {e}")
+        if index not in _GPU:
+            try:
+                major, minor = torch.cuda.get_device_capability(index)
+                nvcc = shutil.which("nvcc") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
+                if not os.path.exists(nvcc):
+                    raise KernelUnavailable("nvcc not found (PATH, CUDA_HOME)")
+                cmd = [nvcc, "-O3", "-shared", "-Xcompiler", "-fPIC", f"-arch=sm_{major}{minor}", "-x", "cu"]
+                lib = _load_library(_cached_build(f"cuda-sm{major}{minor}", cmd))
+                _GPU[index] = _CtypesBackend(lib, lambda dev: ctypes.c_void_p(torch.cuda.current_stream(dev).cuda_stream))
+            except Exception as e:
+                reasons.append(f"nvcc: {type(e).__name__}: {e}")
+                _GPU[index] = KernelUnavailable("could not build the CUDA kernel: " + "; ".join(reasons))
+    if isinstance(_GPU[index], KernelUnavailable):
+        raise _GPU[index]
+    return _GPU[index]
+
+
+# ------------------------------------------------------------------------------------------------------ the operator
+
+class _DeformAttn(torch.autograd.Function):
+    """Forward and backward through a backend: backend(kernel_name, grid, block, tensors, sizes)."""
+
+    @staticmethod
+    def forward(ctx, backend, config, value, shapes, starts, loc, attn):
+        B, S, M, D = value.shape
+        Q, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
+        sizes = [B, S, M, D, Q, L, P]
+        out = value.new_zeros(B, Q, M * D)
+        n = B * Q * M * D
+        if n > 0:
+            grid, block = config(n)
+            backend(f"deform_attn_forward_{_SUFFIX[value.dtype]}", grid, block,
+                    [value, shapes, starts, loc, attn, out], sizes)
+        ctx.save_for_backward(value, shapes, starts, loc, attn)
+        ctx.backend, ctx.config, ctx.sizes = backend, config, sizes
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        value, shapes, starts, loc, attn = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_value, grad_loc, grad_attn = torch.zeros_like(value), torch.zeros_like(loc), torch.zeros_like(attn)
+        n = grad_out.numel()
+        if n > 0:
+            grid, block = ctx.config(n)
+            with _device_guard(value):
+                ctx.backend(f"deform_attn_backward_{_SUFFIX[value.dtype]}", grid, block,
+                            [value, shapes, starts, loc, attn, grad_out, grad_value, grad_loc, grad_attn], ctx.sizes)
+        return None, None, grad_value, None, None, grad_loc, grad_attn
+
+
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+
+
+def _device_guard(t):
+    # Kernels launch on the current device: without this guard, tensors on cuda:1 give wrong results.
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """Check shapes and level layout (a wrong S would make the kernel read out of bounds), cast to the compute dtype
+    (fp64 stays fp64, everything else runs in fp32) and make everything contiguous on value's device."""
+    if value.dim() != 4 or sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
+        raise ValueError(f"expected value [B,S,M,D] and sampling_locations [B,Q,M,L,P,2], got "
+                         f"{tuple(value.shape)} and {tuple(sampling_locations.shape)}")
+    B, S, M, D = value.shape
+    _, Q, _, L, P, _ = sampling_locations.shape
+    if tuple(sampling_locations.shape[:3]) != (B, Q, M) or tuple(attention_weights.shape) != (B, Q, M, L, P):
+        raise ValueError(f"sampling_locations {tuple(sampling_locations.shape)} / attention_weights "
+                         f"{tuple(attention_weights.shape)} do not match value {tuple(value.shape)}")
+    if tuple(spatial_shapes.shape) != (L, 2) or tuple(level_start_index.shape) != (L,):
+        raise ValueError(f"spatial_shapes must be [{L}, 2] and level_start_index [{L}], got "
+                         f"{tuple(spatial_shapes.shape)} and {tuple(level_start_index.shape)}")
+    if max(B, S, M, D, Q, L, P) >= 2**31:
+        raise ValueError("each size must fit in 32 bits (products are 64-bit inside the kernel)")
+    hw_starts = torch.cat([spatial_shapes.reshape(-1), level_start_index.reshape(-1)]).tolist()  # one host sync
+    hw, starts = hw_starts[: 2 * L], hw_starts[2 * L:]
+    expect, total = [], 0
+    for l in range(L):
+        expect.append(total)
+        total += hw[2 * l] * hw[2 * l + 1]
+    if total != S or starts != expect or min(hw, default=1) < 1:
+        raise ValueError(f"spatial_shapes {hw} / level_start_index {starts} do not describe value's S={S} rows")
+    dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
+    dev = value.device
+    return (value.to(dtype).contiguous(), spatial_shapes.to(dev, torch.int64).contiguous(),
+            level_start_index.to(dev, torch.int64).contiguous(), sampling_locations.to(dev, dtype).contiguous(),
+            attention_weights.to(dev, dtype).contiguous())
+
+
+def cuda_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """The CUDA kernel (see module docstring); raises KernelUnavailable when it cannot run here."""
+    if not value.is_cuda:
+        raise KernelUnavailable(f"cuda_deform_attn needs CUDA tensors, got value on {value.device}")
+    if not torch.cuda.is_available():
+        raise KernelUnavailable("CUDA is not available")
+    backend = _gpu_backend(value.device)
+    args = _prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+    def config(n, threads=256):
+        return min(math.ceil(n / threads), 1 << 20), threads  # grid-stride loop covers any remainder
+
+    with torch.cuda.device(value.device):
+        out = _DeformAttn.apply(backend, config, *args)
+    return out.to(value.dtype)
+
+
+def cpu_emulated_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                             threads=64, blocks=None):
+    """The same kernel source compiled with g++ and run on CPU tensors (fp32 or fp64); `threads` per block and
+    `blocks` (default: enough for one element per thread) choose the emulated launch configuration."""
+    if value.is_cuda:
+        raise ValueError("cpu_emulated_deform_attn takes CPU tensors")
+    backend = _cpu_backend()
+    args = _prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+    def config(n):
+        return (blocks or math.ceil(n / threads)), threads
+
+    return _DeformAttn.apply(backend, config, *args).to(value.dtype)
