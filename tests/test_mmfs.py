@@ -1,5 +1,7 @@
 """MMFS and its deformable-attention op: the op against the formula of kernel.md, gradients, and the module's semantics
 (visibility, joint softmax, image recency, null key, batch independence, adapter mode)."""
+import itertools
+import math
 import sys
 import types
 import warnings
@@ -15,9 +17,23 @@ from mmfs import MMFS, deform_attn, deform_attn_reference, image_recency, level_
 # The op
 
 
+def bilinear(V, x, y):
+    """V [H, W, C] at normalised (x, y) by the formula of kernel.md: h = y*H - 0.5, w = x*W - 0.5, bilinear between
+    the four surrounding pixels, a pixel outside [0,H) x [0,W) counting as zero."""
+    H, W, C = V.shape
+    h, w = float(y) * H - 0.5, float(x) * W - 0.5
+    h0, w0 = math.floor(h), math.floor(w)
+    lh, lw = h - h0, w - w0
+
+    def px(i, j):
+        return V[i, j] if 0 <= i < H and 0 <= j < W else V.new_zeros(C)
+
+    return ((1 - lh) * (1 - lw) * px(h0, w0) + (1 - lh) * lw * px(h0, w0 + 1)
+            + lh * (1 - lw) * px(h0 + 1, w0) + lh * lw * px(h0 + 1, w0 + 1))
+
+
 def loop_deform_attn(value, spatial_shapes, sampling_locations, attention_weights):
-    """The formula of kernel.md, one sampling point at a time: h = y*H - 0.5, w = x*W - 0.5, bilinear between the
-    four surrounding pixels, a pixel outside [0,H) x [0,W) counting as zero."""
+    """The op, one sampling point at a time."""
     B, S, M, D = value.shape
     _, Q, _, L, P, _ = sampling_locations.shape
     out = value.new_zeros(B, Q, M, D)
@@ -25,22 +41,9 @@ def loop_deform_attn(value, spatial_shapes, sampling_locations, attention_weight
     for l, (H, W) in enumerate(spatial_shapes.tolist()):
         V = value[:, start:start + H * W].view(B, H, W, M, D)
         start += H * W
-
-        def pixel(b, i, j, m):
-            return V[b, i, j, m] if 0 <= i < H and 0 <= j < W else value.new_zeros(D)
-
-        for b in range(B):
-            for q in range(Q):
-                for m in range(M):
-                    for p in range(P):
-                        x, y = sampling_locations[b, q, m, l, p].tolist()
-                        h, w = y * H - 0.5, x * W - 0.5
-                        h0, w0 = int(torch.tensor(h).floor()), int(torch.tensor(w).floor())
-                        lh, lw = h - h0, w - w0
-                        hh, hw = 1 - lh, 1 - lw
-                        val = (hh * hw * pixel(b, h0, w0, m) + hh * lw * pixel(b, h0, w0 + 1, m)
-                               + lh * hw * pixel(b, h0 + 1, w0, m) + lh * lw * pixel(b, h0 + 1, w0 + 1, m))
-                        out[b, q, m] += attention_weights[b, q, m, l, p] * val
+        for b, q, m, p in itertools.product(range(B), range(Q), range(M), range(P)):
+            x, y = sampling_locations[b, q, m, l, p]
+            out[b, q, m] += attention_weights[b, q, m, l, p] * bilinear(V[b, :, :, m], x, y)
     return out.reshape(B, Q, M * D)
 
 
@@ -162,6 +165,59 @@ def inputs(B=2, Q=4, N=3, seed=0, dim=12, vdim=10):
     ref = torch.rand(B, Q, 2, generator=g, dtype=torch.float64)
     v = torch.randn(B, N, S, vdim, generator=g, dtype=torch.float64)
     return q, ref, v
+
+
+@torch.no_grad()
+def loop_mmfs(m, query, ref, value, shapes, visible):
+    """official.md's MMFS written out for one query and one visible image at a time (invisible images are skipped,
+    not masked): per-image query Linear(q) + E[relpos], offsets and logits per (image, head, level, point), one
+    softmax per head over everything plus the null key (logit 0, zero value), output projection."""
+    B, Q, _ = query.shape
+    N = value.shape[1]
+    M, L, P, D = m.n_heads, m.n_levels, m.n_points, m.head_dim
+    out = []
+    for b, q in itertools.product(range(B), range(Q)):
+        vals = m.value_proj(value[b])                                            # (N, S, M*D)
+        vis = visible[b, q].tolist()
+        logits, samples = [], []                                                 # one (M,) and (M, D) per key
+        for n in (n for n in range(N) if vis[n]):
+            qn = query[b, q]
+            if m.max_images is not None:
+                qn = m.query_proj(qn) + m.image_embed.weight[sum(vis[n:])]      # most recent visible image: 1
+            off = m.sampling_offsets(qn).view(M, -1, P, 2)                       # (M, 1 or L, P, 2)
+            logit = m.attention_weights(qn).view(M, L, P)
+            start = 0
+            for l, (H, W) in enumerate(shapes.tolist()):
+                V = vals[n, start:start + H * W].view(H, W, M, D)
+                start += H * W
+                cells = m.base_grid[::-1] if m.shared_offsets else (W, H)        # as (x, y)
+                for p in range(P):
+                    o = off[:, 0 if m.shared_offsets else l, p]                  # (M, 2)
+                    x, y = ref[b, q, 0] + o[:, 0] / cells[0], ref[b, q, 1] + o[:, 1] / cells[1]
+                    logits.append(logit[:, l, p])
+                    samples.append(torch.stack([bilinear(V[:, :, h], x[h], y[h]) for h in range(M)]))
+        if m.null_slot:
+            logits.append(query.new_zeros(M))
+            samples.append(query.new_zeros(M, D))
+        a = torch.stack(logits).softmax(0)                                       # (keys, M)
+        out.append(m.output_proj((a[..., None] * torch.stack(samples)).sum(0).flatten()))
+    return torch.stack(out).view(B, Q, -1)
+
+
+def test_module_matches_the_formula_written_out():
+    m = tiny_mmfs()
+    q, ref, v = inputs()
+    vis = torch.rand(2, 4, 3, generator=torch.Generator().manual_seed(5)) > 0.3
+    vis[1, 3] = False
+    torch.testing.assert_close(m(q, ref, v, SHAPES, vis), loop_mmfs(m, q, ref, v, SHAPES, vis),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_adapter_mode_matches_the_formula_written_out():
+    m = tiny_mmfs(max_images=None, null_slot=False, shared_offsets=False)
+    q, ref, v = inputs(N=1)
+    torch.testing.assert_close(m(q, ref, v, SHAPES), loop_mmfs(m, q, ref, v, SHAPES, torch.ones(2, 4, 1).bool()),
+                               rtol=1e-10, atol=1e-12)
 
 
 def test_image_recency_counts_visible_images_backwards():
