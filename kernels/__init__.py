@@ -45,28 +45,26 @@ def kernel_source():
     return SOURCE.read_text().replace('#include "portable.cuh"', HEADER.read_text())
 
 
-def _cached_build(tag, compiler_cmd, ext=".so"):
-    """Compile kernel_source() with compiler_cmd (a list ending where the input and output go) into BUILD_DIR,
-    keyed by a hash of the source and the command; concurrent builders race harmlessly (atomic rename)."""
-    src = kernel_source()
-    key = hashlib.sha256((src + "\0" + " ".join(compiler_cmd)).encode()).hexdigest()[:16]
+def _cached_build(tag, compiler_cmd):
+    """Compile deform_attn.cu with compiler_cmd (its input and output are appended) into BUILD_DIR, keyed by a hash of
+    the sources and the command; concurrent builders race harmlessly (build in a temporary name, then rename)."""
+    key = hashlib.sha256((kernel_source() + "\0" + " ".join(compiler_cmd)).encode()).hexdigest()[:16]
     for folder in (BUILD_DIR, Path(tempfile.gettempdir()) / "mmi-kernels"):  # the repo may be read-only
         try:
             folder.mkdir(parents=True, exist_ok=True)
             break
         except OSError:
             continue
-    lib = folder / f"{tag}-{key}{ext}"
+    lib = folder / f"{tag}-{key}.so"
     if lib.exists():
         return lib
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        cu = Path(tmp) / "deform_attn.cu"
-        cu.write_text(src)
-        out = Path(tmp) / lib.name
-        proc = subprocess.run(compiler_cmd + [str(cu), "-o", str(out)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise KernelUnavailable(f"{compiler_cmd[0]} failed to build {SOURCE.name}:\n{proc.stderr[-4000:]}")
-        os.replace(out, lib)
+    tmp = folder / f"{lib.name}.{os.getpid()}.tmp"
+    # the real file, not a pasted copy, so compiler and sanitizer messages point at deform_attn.cu's own lines
+    proc = subprocess.run(compiler_cmd + [str(SOURCE), "-o", str(tmp)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise KernelUnavailable(f"{compiler_cmd[0]} failed to build {SOURCE}:\n{proc.stderr[-4000:]}")
+    os.replace(tmp, lib)
     return lib
 
 
