@@ -1,0 +1,764 @@
+"""
+MM-Interleaved (Tian et al. 2024): one model that reads and writes interleaved text and images.
+
+    image tokenizer   CLIP ViT + ViT-Adapter (vit.py) -> 4 multi-scale maps; Perceiver resampler -> N image tokens
+    LLM               LLaMA (llm.py) with MMFS (mmfs.py) between attention and MLP of every k-th layer, behind
+                      zero-initialised tanh gates; frozen LM head + 2 trainable rows (BoI, <|image|>)
+    image decoder     LLM states from the document's <s> to BoI, reversed -> resampler -> U-Net context (unet.py);
+                      MMFS on every U-Net skip (zero 1x1 convs) reads the previous image of the document
+All exact choices follow ../shared/design/official.md (cited as "official").
+
+Public API
+    cfg = MMIConfig.from_name("tiny", n_image_tokens=8, **{"llm.n_layers": 6})  # presets: "official", "tiny"
+    model = MMI(cfg)                           # random init (tiny: everything trainable, from scratch)
+    model = MMI.from_components(clip=..., llm=..., sd=...)   # official folders, paper freezing
+    tok = model.tokenizer()                    # ByteTokenizer / LLaMA Tokenizer with <|beginofimage|>, <|image|>
+    ids, images = model.encode_document(["a caption", pil_image, "more text"], tok)   # the sequence format
+    out = model(batch)                         # dict: loss, text_loss, image_loss, n_text, n_images
+    items = model.generate(["prompt", pil_image, "text"], tok, ...)   # list of str / image tensors [3,H,W] in [0,1]
+    model.param_groups(weight_decay)           # AdamW groups: lr / lr_unet / lr_offsets, no decay on 1-D & offsets
+    model.set_grad_checkpointing(True)
+    model.save(dir); MMI.load(dir)             # model.safetensors + config.json (see save() for what is stored)
+
+Batch (data.collate): tokens LongTensor [B, T] (<s> text BoI <|image|>*n ... </s>, right-padded with pad_id),
+images FloatTensor [N, 3, H, W] in [0, 1] ordered by row then position (one per BoI), optional doc_ids [B, T]
+(document index per row, -1 on padding; derived from <s> when absent). Other keys are ignored.
+"""
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from llm import LLaMA, LLaMAConfig, RMSNorm, sample_next
+from mmfs import MMFS, pixel_centres
+from unet import AutoencoderKL, NoiseSchedule, UNet, UNetConfig, VAEConfig, cfg_combine
+from vit import CLIPVisionConfig, ViTAdapter, VisionTransformer, resize01, sincos_2d, to_tensor01
+from weights import CheckpointError, read_json
+
+BOI, IMAGE = "<|beginofimage|>", "<|image|>"
+
+# -----------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class MMIConfig:
+    vision: dict = field(default_factory=lambda: asdict(CLIPVisionConfig()))   # vit.CLIPVisionConfig fields
+    adapter: dict = field(default_factory=dict)                                # vit.ViTAdapter keyword arguments
+    llm: dict = field(default_factory=dict)                                    # llm.LLaMAConfig fields
+    unet: dict = field(default_factory=lambda: asdict(UNetConfig()))           # unet.UNetConfig fields
+    vae: dict | None = field(default_factory=lambda: asdict(VAEConfig()))      # None: diffusion in pixel space
+    schedule: dict = field(default_factory=dict)                               # unet.NoiseSchedule arguments
+    tokenizer: str = "byte"            # "byte" (ByteTokenizer) or a SentencePiece tokenizer.model path
+    pad_id: int | None = None          # None: the tokenizer's own (official: 31999)
+    # image tokenizer: Q-Former-style Perceiver resampler (official: 64 tokens, 768 wide, 12 layers, 12 heads,
+    # cross-attention in layers 0, 2, ..., qk-norm, dropout 0.1)
+    n_image_tokens: int = 64
+    res_dim: int = 768
+    res_layers: int = 12
+    res_heads: int = 12
+    res_cross_every: int = 2
+    res_dropout: float = 0.1
+    # MMFS in the LLM (official: every 4th layer from 0, 16 heads x 64, 3 levels, 8 points, offsets +-3, 50 images)
+    mmfs_every: int = 4
+    mmfs_heads: int = 16
+    mmfs_head_dim: int = 64
+    mmfs_points: int = 8
+    mmfs_offset_init: float = 3.0
+    max_images: int = 50
+    # image decoder (official: 1-layer resampler, 77 queries, 1024 wide, 16 heads; MMFS 16 heads, 4 levels,
+    # 8 points, offsets +-1; 512 px; null condition for 10% of images; loss weight 10)
+    dec_queries: int = 77
+    dec_dim: int = 1024
+    dec_layers: int = 1
+    dec_heads: int = 16
+    dec_mmfs_heads: int = 16
+    dec_mmfs_head_dim: int = 64
+    dec_mmfs_points: int = 8
+    dec_mmfs_offset_init: float = 1.0
+    image_size: int = 512
+    null_prob: float = 0.1
+    image_loss_weight: float = 10.0
+    # what trains (official: ViT, LLaMA, LM head and VAE frozen; the tiny world trains everything from scratch)
+    freeze_vit: bool = True
+    freeze_llm: bool = True
+    lr: float = 1e-4
+    lr_unet: float = 1e-5
+    lr_offsets: float = 1e-5            # every sampling_offsets layer (LLM, U-Net and adapter MMFS)
+    components: dict | None = None      # official folders this model was assembled from (set by from_components)
+
+    @property
+    def boi_id(self):  # the two new tokens come right after the LLM's vocabulary (official: 32000, 32001)
+        return self.llm["vocab_size"]
+
+    @property
+    def image_id(self):
+        return self.llm["vocab_size"] + 1
+
+    @classmethod
+    def from_name(cls, name, **overrides):
+        """A preset with fields overridden; "llm.n_layers"-style keys override one field of a sub-config."""
+        d = json.loads(json.dumps(PRESETS[name]))  # deep copy
+        for k, v in overrides.items():
+            sub, _, key = k.partition(".")
+            if key:
+                if not isinstance(d.get(sub), dict):
+                    raise KeyError(f"{k}: {sub} is not a sub-config")
+                d[sub][key] = v
+            elif k in {f.name for f in fields(cls)}:
+                d[k] = v
+            else:
+                raise KeyError(f"unknown config field {k!r}")
+        return cls(**d)
+
+
+PRESETS = {
+    "official": dict(
+        adapter=dict(n_blocks=4, n_heads=16, n_points=4, deform_ratio=0.5, cffn_ratio=0.25, n_extra_extractors=2),
+        llm=dict(vocab_size=32000, dim=5120, n_layers=40, n_heads=40, hidden_dim=13824, norm_eps=1e-6,
+                 max_seq_len=2048),  # Vicuna-13B v1.3
+        schedule=dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      prediction_type="epsilon", steps_offset=1, timestep_spacing="leading",
+                      set_alpha_to_one=False, clip_sample=False),  # SD 2.1-base scheduler_config.json
+        tokenizer="llama", pad_id=31999),
+    # A few million parameters for the synthetic 32 px world of data.py; trains on a 2-core CPU in minutes.
+    "tiny": dict(
+        vision=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                    patch_size=4, image_size=32, layer_norm_eps=1e-5, num_channels=3, hidden_act="quick_gelu"),
+        adapter=dict(n_blocks=2, n_heads=4, n_points=4, deform_ratio=0.5, cffn_ratio=0.25, n_extra_extractors=0,
+                     spm_channels=16),
+        llm=dict(vocab_size=259, dim=128, n_layers=4, n_heads=4, hidden_dim=352, norm_eps=1e-5, max_seq_len=512),
+        unet=dict(in_channels=3, out_channels=3, block_out_channels=[32, 64], layers_per_block=1,
+                  down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                  up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], attention_head_dim=[2, 4],
+                  cross_attention_dim=64, norm_num_groups=8, sample_size=32),
+        vae=None,
+        schedule=dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                      prediction_type="epsilon", timestep_spacing="leading", clip_sample=True),
+        n_image_tokens=16, res_dim=64, res_layers=2, res_heads=4, res_dropout=0.0,
+        mmfs_every=2, mmfs_heads=4, mmfs_head_dim=16, mmfs_points=4, mmfs_offset_init=2.0, max_images=8,
+        dec_queries=16, dec_dim=64, dec_heads=4, dec_mmfs_heads=4, dec_mmfs_head_dim=16, dec_mmfs_points=4,
+        image_size=32, freeze_vit=False, freeze_llm=False, lr=1e-3, lr_unet=1e-3, lr_offsets=1e-4),
+}
+
+
+def sincos_1d(n, dim, device=None, dtype=torch.float32):
+    """Fixed 1D sin-cos embedding of positions 0..n-1: [n, dim] (first half sin, second half cos)."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, device=device, dtype=torch.float64) / (dim // 2))
+    angle = torch.arange(n, device=device, dtype=torch.float64)[:, None] * omega
+    return torch.cat([angle.sin(), angle.cos()], 1).to(dtype)
+
+
+# -----------------------------------------------------------------------------
+# Perceiver resampler (Q-Former style, as the official code; one class for both uses)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, kv_dim, n_heads, qk_norm=False, dropout=0.0):
+        super().__init__()
+        self.n_heads, self.dropout = n_heads, dropout
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(kv_dim, dim), nn.Linear(kv_dim, dim)
+        self.o = nn.Linear(dim, dim)
+        hd = dim // n_heads  # qk-norm: a LayerNorm per head on queries and keys (official image resampler)
+        self.q_norm = nn.LayerNorm(hd) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(hd) if qk_norm else nn.Identity()
+
+    def forward(self, x, kv, mask=None):  # x (B, T, dim), kv (B, S, kv_dim), mask (B, S) True = attend
+        B, T, C = x.shape
+        heads = lambda t: t.view(B, -1, self.n_heads, C // self.n_heads).transpose(1, 2)  # noqa: E731
+        q, k, v = self.q_norm(heads(self.q(x))), self.k_norm(heads(self.k(kv))), heads(self.v(kv))
+        m = None if mask is None else mask[:, None, None, :]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=m, dropout_p=self.dropout if self.training else 0.0)
+        return self.o(y.transpose(1, 2).reshape(B, T, C))
+
+
+class ResamplerLayer(nn.Module):
+    """BERT-style (post-LN) layer: self-attention over the queries, optional cross-attention to the media, MLP."""
+
+    def __init__(self, dim, media_dim, n_heads, cross, qk_norm, dropout):
+        super().__init__()
+        self.self_attn, self.ln1 = Attention(dim, dim, n_heads, qk_norm, dropout), nn.LayerNorm(dim)
+        self.cross_attn = Attention(dim, media_dim, n_heads, qk_norm, dropout) if cross else None
+        self.ln2 = nn.LayerNorm(dim) if cross else None
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.ln3, self.drop = nn.LayerNorm(dim), nn.Dropout(dropout)
+
+    def forward(self, x, media, mask=None):
+        x = self.ln1(x + self.drop(self.self_attn(x, x)))
+        if self.cross_attn is not None:
+            x = self.ln2(x + self.drop(self.cross_attn(x, media, mask)))
+        return self.ln3(x + self.drop(self.mlp(x)))
+
+
+class Resampler(nn.Module):
+    """n learned queries read a variable-length media sequence -> [B, n, out_dim] (Flamingo / BLIP-2 style)."""
+
+    def __init__(self, n_queries, dim, n_layers, n_heads, media_dim, out_dim, cross_every=1, qk_norm=False,
+                 dropout=0.0, out_std=0.02):
+        super().__init__()
+        self.queries = nn.Parameter(torch.zeros(n_queries, dim))
+        self.ln_q, self.drop = nn.LayerNorm(dim), nn.Dropout(dropout)
+        self.layers = nn.ModuleList(ResamplerLayer(dim, media_dim, n_heads, i % cross_every == 0, qk_norm, dropout)
+                                    for i in range(n_layers))
+        self.out = nn.Linear(dim, out_dim)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.queries, std=0.02)
+        nn.init.normal_(self.out.weight, std=out_std)  # official image resampler: N(0, 1e-3) into the LLM
+
+    def forward(self, media, mask=None):  # media (B, S, media_dim), mask (B, S) -> (B, n, out_dim)
+        x = self.drop(self.ln_q(self.queries)).expand(media.shape[0], -1, -1)
+        for layer in self.layers:
+            x = layer(x, media, mask)
+        return self.out(x)
+
+
+# -----------------------------------------------------------------------------
+# MMFS inside the LLM
+
+
+@dataclass
+class VisualContext:
+    """What the MMFS layers of one LLM call read (the `ctx` that LLaMA.forward_hidden passes through)."""
+    values: torch.Tensor   # (B, N, S, Dv) levels 2-4 of each row's images, flattened; N = most images in a row
+    shapes: torch.Tensor   # (L, 2) (H, W) of the levels
+    visible: torch.Tensor  # (B, T, N) bool: token t sees image n (same document, at or after its first <|image|>)
+
+
+class GatedMMFS(nn.Module):
+    """h + tanh(gate) * MMFS(RMSNorm(h), RMSNorm(visual features)), gate = 0 at init (official, Flamingo-style)."""
+
+    def __init__(self, dim, vis_dim, cfg: MMIConfig, eps, grid):
+        super().__init__()
+        self.norm_q, self.norm_v = RMSNorm(dim, eps), RMSNorm(vis_dim, eps)
+        self.mmfs = MMFS(dim, vis_dim, cfg.mmfs_heads, 3, cfg.mmfs_points, head_dim=cfg.mmfs_head_dim, out_dim=dim,
+                         offset_init=cfg.mmfs_offset_init, max_images=cfg.max_images, base_grid=grid)
+        self.gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, h, ctx: VisualContext | None):
+        g = torch.tanh(self.gate)
+        if ctx is None or ctx.values.shape[1] == 0:  # no image anywhere: every token reads the null key = the bias
+            return h + (g * self.mmfs.output_proj.bias).to(h.dtype)
+        ref = h.new_full((1, 2), 0.5, dtype=torch.float32)  # reference point: the image centre
+        y = self.mmfs(self.norm_q(h), ref, self.norm_v(ctx.values), ctx.shapes, ctx.visible)
+        return h + (g * y).to(h.dtype)
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+def _skip_channels(ucfg: UNetConfig):
+    """Channels and stride of every tensor UNet.down hands to the up path, then of the mid block."""
+    chs, n = ucfg.block_out_channels, len(ucfg.block_out_channels)
+    out = [(chs[0], 1)]
+    for i in range(n):
+        out += [(chs[i], 2 ** i)] * ucfg.layers_per_block + ([(chs[i], 2 ** (i + 1))] if i < n - 1 else [])
+    return out + [(chs[-1], 2 ** (n - 1))]
+
+
+class MMI(nn.Module):
+    def __init__(self, cfg: MMIConfig, vit=None, llm=None, unet=None, vae=None):
+        super().__init__()
+        self.cfg = cfg
+        # (1) image tokenizer: ViT + adapter -> tokens and 4 maps; Linear -> LN + 2D sin-cos -> LN -> resampler
+        vit = vit or VisionTransformer(CLIPVisionConfig(**cfg.vision))
+        self.adapter = ViTAdapter(vit, **cfg.adapter)
+        Dv, self.grid = vit.cfg.hidden_size, vit.cfg.image_size // vit.cfg.patch_size
+        self.llm = llm or LLaMA(LLaMAConfig(**cfg.llm))
+        D = self.llm.cfg.dim
+        self.vis_proj, self.vis_ln1, self.vis_ln2 = nn.Linear(Dv, cfg.res_dim), nn.LayerNorm(cfg.res_dim), \
+            nn.LayerNorm(cfg.res_dim)
+        self.resampler = Resampler(cfg.n_image_tokens, cfg.res_dim, cfg.res_layers, cfg.res_heads, cfg.res_dim, D,
+                                   cfg.res_cross_every, qk_norm=True, dropout=cfg.res_dropout, out_std=1e-3)
+        # (2) LLM: MMFS in layers 0, k, 2k, ...; BoI embedding = frozen base row + learnable zero-init vector;
+        # LM head + 2 rows (frozen part: weight 0, bias -100; trainable Linear: weight 0, bias 95 -> BoI logit -5)
+        for i in range(0, self.llm.cfg.n_layers, cfg.mmfs_every):
+            self.llm.insert(i, GatedMMFS(D, Dv, cfg, self.llm.cfg.norm_eps, self.grid))
+        self.register_buffer("boi_base", torch.randn(D) * 0.02)  # stands for the resized table's new row
+        self.boi = nn.Parameter(torch.zeros(D))
+        self.new_head = nn.Linear(D, 2)
+        nn.init.zeros_(self.new_head.weight)
+        nn.init.constant_(self.new_head.bias, 95.0)
+        # (3) image decoder: context projection + 1D sin-cos -> resampler -> U-Net context; MMFS on U-Net skips
+        self.unet = unet or UNet(UNetConfig.from_dict(cfg.unet))
+        ucfg, C = self.unet.cfg, self.unet.cfg.cross_attention_dim
+        self.ctx_proj = nn.Linear(D, D)
+        self.dec_resampler = Resampler(cfg.dec_queries, cfg.dec_dim, cfg.dec_layers, cfg.dec_heads, D, C)
+        self.null_cond = nn.Parameter(torch.randn(cfg.dec_queries, C))  # official: SD's text encoding of ""
+        self.vae = vae if vae is not None else AutoencoderKL(VAEConfig.from_dict(cfg.vae)) if cfg.vae else None
+        self.latent = cfg.image_size // (8 if self.vae is not None else 1)
+        self.dec_norm_v = nn.LayerNorm(Dv)  # values: LayerNorm over all four adapter levels of the previous image
+        taps = _skip_channels(ucfg)
+        self.dec_norm_q = nn.ModuleList(nn.LayerNorm(c) for c, _ in taps)
+        self.dec_mmfs = nn.ModuleList(
+            MMFS(c, Dv, cfg.dec_mmfs_heads, 4, cfg.dec_mmfs_points, head_dim=cfg.dec_mmfs_head_dim,
+                 offset_init=cfg.dec_mmfs_offset_init, base_grid=(self.latent // s, self.latent // s))
+            for c, s in taps)
+        self.dec_zero = nn.ModuleList(nn.Conv2d(c, c, 1) for c, _ in taps)  # ControlNet-style zero convs
+        for conv in self.dec_zero:
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
+        self.freeze()
+
+    # --- bookkeeping --------------------------------------------------------------------------------------------
+    def freeze(self):
+        """The paper's freezing: ViT, LLaMA (embeddings, blocks, LM head) and VAE frozen; the rest trains."""
+        if self.cfg.freeze_vit:
+            self.adapter.vit.requires_grad_(False)
+        if self.cfg.freeze_llm:
+            for name, p in self.llm.named_parameters():
+                p.requires_grad_(".inserted." in name)
+        if self.vae is not None:
+            self.vae.requires_grad_(False)
+
+    @property
+    def schedule(self):
+        if not hasattr(self, "_schedule"):
+            self._schedule = NoiseSchedule(**self.cfg.schedule)
+        return self._schedule
+
+    def tokenizer(self):
+        """The tokenizer with the two image tokens appended (their ids must be boi_id, image_id)."""
+        from tokenizer import ByteTokenizer, Tokenizer
+        if self.cfg.tokenizer == "byte":
+            tok = ByteTokenizer()
+        else:
+            path = Path(self.cfg.components["llm"]) / "tokenizer.model" if self.cfg.tokenizer == "llama" \
+                else self.cfg.tokenizer
+            tok = Tokenizer(path)
+        if tok.vocab_size != self.cfg.boi_id:
+            raise ValueError(f"tokenizer has {tok.vocab_size} ids, the LLM {self.cfg.boi_id}")
+        assert tok.add_special_tokens([BOI, IMAGE]) == [self.cfg.boi_id, self.cfg.image_id]
+        if self.cfg.pad_id is not None:
+            tok.pad_id = self.cfg.pad_id
+        return tok
+
+    def encode_document(self, items, tok, bos=True, eos=True):
+        """A document (str / PIL image / [3,H,W] tensor in [0,1] items) -> (token ids, list of image tensors)."""
+        ids, images = [tok.bos_id] if bos else [], []
+        for item in items:
+            if isinstance(item, str):
+                ids += tok.encode(item, bos=False)
+            else:
+                ids += [self.cfg.boi_id] + [self.cfg.image_id] * self.cfg.n_image_tokens
+                images.append(item if torch.is_tensor(item) else to_tensor01(item))
+        return ids + ([tok.eos_id] if eos else []), images
+
+    # --- image tokenizer ----------------------------------------------------------------------------------------
+    def encode_images(self, images01):
+        """[N, 3, H, W] in [0, 1] -> (embeddings [N, n_tok, D] for the <|image|> slots, maps: 4 x [N, Dv, h, w])."""
+        tokens, maps = self.adapter(images01)
+        x = self.vis_ln1(self.vis_proj(tokens.to(self.vis_proj.weight.dtype)))
+        g, dim = self.grid, self.cfg.res_dim
+        pos = torch.cat([x.new_zeros(1, dim), sincos_2d(g, g, dim, x.device, x.dtype)])  # class token: no position
+        return self.resampler(self.vis_ln2(x + pos)), maps
+
+    @staticmethod
+    def flatten_maps(maps):  # list of [N, Dv, h, w] -> ([N, sum h*w, Dv], shapes [L, 2])
+        values = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], 1)
+        return values, torch.tensor([m.shape[-2:] for m in maps], dtype=torch.long, device=values.device)
+
+    # --- sequence -----------------------------------------------------------------------------------------------
+    def layout(self, tokens, doc_ids=None):
+        """Where the images are in a [B, T] batch and what each token may see (official "Which images a token
+        sees"). Images are numbered in row-major order of their BoI, the order of batch["images"]."""
+        B, T = tokens.shape
+        if doc_ids is None:
+            doc_ids = (tokens == self.tok_ids["bos"]).long().cumsum(1)
+        rows, pos = (tokens == self.cfg.boi_id).nonzero(as_tuple=True)  # (N,), (N,)
+        N = rows.shape[0]
+        doc = doc_ids[rows, pos]
+        start = (doc_ids[rows] == doc[:, None]).long().argmax(1)         # first position of the image's document
+        first = torch.searchsorted(rows, rows)                           # index of each row's first image
+        slot = torch.arange(N, device=tokens.device) - first             # image index within its row
+        n_max = int(slot.max()) + 1 if N else 0
+        img_doc = torch.full((B, n_max), -2, dtype=doc.dtype, device=tokens.device).index_put((rows, slot), doc)
+        img_pos = torch.full((B, n_max), T, dtype=pos.dtype, device=tokens.device).index_put((rows, slot), pos)
+        t = torch.arange(T, device=tokens.device)
+        # token t sees image n iff same document and t is after its BoI (>= its first <|image|>): BoI doesn't see it
+        visible = (doc_ids[:, :, None] == img_doc[:, None, :]) & (t[None, :, None] > img_pos[:, None, :])
+        same = torch.zeros(N, dtype=torch.bool, device=tokens.device)
+        if N > 1:
+            same[1:] = (rows[1:] == rows[:-1]) & (doc[1:] == doc[:-1])
+        prev = torch.where(same, torch.arange(N, device=tokens.device) - 1, -1)  # previous image, same document
+        only_bos = (pos == start) | ((pos == start + 1) & (tokens[rows, start] == self.tok_ids["bos"]))
+        return dict(rows=rows, pos=pos, start=start, slot=slot, n_max=n_max, visible=visible, prev=prev,
+                    has_context=~only_bos)
+
+    @property
+    def tok_ids(self):  # special ids the model needs without holding a tokenizer
+        if self.cfg.tokenizer == "byte":
+            return dict(bos=256, eos=257, pad=258 if self.cfg.pad_id is None else self.cfg.pad_id)
+        return dict(bos=1, eos=2, pad=0 if self.cfg.pad_id is None else self.cfg.pad_id)
+
+    def embed(self, tokens, image_embeds=None):
+        """Token ids [B, T] -> input embeddings: text from the LLM table, BoI = base row + learnable vector,
+        <|image|> slots filled with the image embeddings [N, n_tok, D] in order."""
+        V = self.llm.cfg.vocab_size
+        h = self.llm.embed(tokens.clamp(max=V - 1))
+        h = torch.where((tokens == self.cfg.boi_id)[..., None], (self.boi_base + self.boi).to(h.dtype), h)
+        slots = tokens == self.cfg.image_id
+        if image_embeds is not None and image_embeds.numel():
+            assert int(slots.sum()) == image_embeds.shape[0] * image_embeds.shape[1], "image slots != image tokens"
+            h = h.masked_scatter(slots[..., None], image_embeds.to(h.dtype))
+        return h
+
+    def visual_context(self, lay, values, shapes, B):
+        """Per-row image values [B, n_max, S, Dv] and the visibility mask for the LLM's MMFS layers."""
+        if values is None or lay["n_max"] == 0:
+            return None
+        per_row = values.new_zeros(B, lay["n_max"], *values.shape[1:]).index_put((lay["rows"], lay["slot"]), values)
+        return VisualContext(per_row, shapes, lay["visible"])
+
+    def logits(self, h):
+        """Frozen LM head for the text vocabulary + the trainable rows of BoI and <|image|> -> [..., V + 2]."""
+        new = self.new_head(h.to(self.new_head.weight.dtype)) - 100.0
+        return torch.cat([self.llm.lm_head(h).float(), new.float()], -1)
+
+    def text_targets(self, tokens):
+        """Next-token targets, -100 where ignored: pad, <|image|>, <s>, and BoI right after <s> (official)."""
+        inp, tgt = tokens[:, :-1], tokens[:, 1:].clone()
+        ids = self.tok_ids
+        ignore = (tgt == ids["pad"]) | (tgt == self.cfg.image_id) | (tgt == ids["bos"]) | \
+                 ((tgt == self.cfg.boi_id) & (inp == ids["bos"]))
+        return tgt.masked_fill(ignore, -100)
+
+    # --- image decoder ------------------------------------------------------------------------------------------
+    def condition(self, h, rows, starts, ends):
+        """LLM states from each document start to its BoI, reversed (BoI first) -> Linear + 1D sin-cos ->
+        resampler -> U-Net context [n, dec_queries, C]."""
+        lens = ends - starts + 1
+        L = int(lens.max())
+        ar = torch.arange(L, device=h.device)
+        idx = (ends[:, None] - ar).clamp(min=0)                                  # (n, L): BoI, BoI-1, ...
+        x = self.ctx_proj(h[rows[:, None], idx].to(self.ctx_proj.weight.dtype))  # (n, L, D)
+        x = x + sincos_1d(L, x.shape[-1], x.device, x.dtype)
+        return self.dec_resampler(x, ar < lens[:, None])
+
+    def denoise(self, x, t, cond, values, visible):
+        """U-Net prediction with MMFS residuals on the skips and mid block (official "MMFS in the UNet").
+        values [n, 1, S, Dv] flattened 4 adapter levels of the previous image, visible [n] bool."""
+        skips, mid, emb = self.unet.down(x, t, cond)
+        v, shapes = self.dec_norm_v(values[0]), values[1]
+        feats = []
+        for f, norm, mmfs, conv in zip([*skips, mid], self.dec_norm_q, self.dec_mmfs, self.dec_zero):
+            B, C, H, W = f.shape
+            q = norm(f.flatten(2).transpose(1, 2)) + sincos_2d(H, W, C, f.device, f.dtype)  # (B, H*W, C)
+            y = mmfs(q, pixel_centres(H, W, f.device), v, shapes, visible[:, None, None].expand(B, H * W, 1))
+            feats.append(f + conv(y.transpose(1, 2).reshape(B, C, H, W).to(f.dtype)))
+        return self.unet.up(feats[:-1], feats[-1], emb, cond)
+
+    def to_latent(self, x01):
+        x = resize01(x01, self.cfg.image_size) * 2 - 1
+        if self.vae is None:
+            return x
+        mean, logvar = self.vae.encode(x.to(next(self.vae.parameters()).dtype))
+        return (mean + (0.5 * logvar).exp() * torch.randn_like(mean)) * self.vae.scaling_factor
+
+    def from_latent(self, z):
+        x = z if self.vae is None else self.vae.decode(z.to(next(self.vae.parameters()).dtype) / self.vae.scaling_factor)
+        return ((x.float() + 1) / 2).clamp(0, 1)
+
+    def decoder_values(self, dec_values, shapes, prev):
+        """MMFS values of the previous image of each image to generate (prev = index or -1)."""
+        return (dec_values[prev.clamp(min=0)][:, None], shapes), prev >= 0
+
+    # --- training -----------------------------------------------------------------------------------------------
+    def forward(self, batch):
+        tokens = batch["tokens"]
+        B, T = tokens.shape
+        lay = self.layout(tokens, batch.get("doc_ids"))
+        images = batch.get("images")
+        N = lay["rows"].shape[0]
+        if (0 if images is None else images.shape[0]) != N:
+            raise ValueError(f"batch has {N} BoI tokens but {0 if images is None else images.shape[0]} images")
+        emb = llm_values = dec_values = shapes = None
+        if N:
+            emb, maps = self.encode_images(images)
+            llm_values, shapes = self.flatten_maps(maps[1:])   # levels 32/16/8 (official) for the LLM
+            dec_values, dshapes = self.flatten_maps(maps)      # all four levels for the U-Net
+        ctx = self.visual_context(lay, llm_values, shapes, B)
+        h = self.llm.forward_hidden(embeds=self.embed(tokens, emb), ctx=ctx)   # (B, T, D)
+        tgt = self.text_targets(tokens)
+        text_loss = F.cross_entropy(self.logits(h[:, :-1]).flatten(0, 1), tgt.flatten(), ignore_index=-100)
+        n_text = int((tgt != -100).sum())
+        if n_text == 0:
+            text_loss = h.sum() * 0.0
+
+        sel = lay["has_context"].nonzero(as_tuple=True)[0]  # no image loss when the context is only <s> BoI
+        image_loss = text_loss.new_zeros(())
+        if len(sel):
+            cond = self.condition(h, lay["rows"][sel], lay["start"][sel], lay["pos"][sel])
+            if self.training:  # classifier-free guidance: the learnable null condition for a random 10%
+                drop = torch.rand(len(sel), device=cond.device) < self.cfg.null_prob
+                cond = torch.where(drop[:, None, None], self.null_cond.to(cond.dtype), cond)
+            with torch.no_grad():
+                x0 = self.to_latent(images[sel])
+            noise = torch.randn_like(x0)
+            t = torch.randint(0, self.schedule.N, (len(sel),), device=x0.device)
+            values, visible = self.decoder_values(dec_values, dshapes, lay["prev"][sel])
+            pred = self.denoise(self.schedule.add_noise(x0, noise, t), t, cond, values, visible)
+            image_loss = F.mse_loss(pred.float(), self.schedule.target(x0, noise, t).float())
+        loss = text_loss + self.cfg.image_loss_weight * image_loss
+        return dict(loss=loss, text_loss=text_loss.detach(), image_loss=image_loss.detach(), n_text=n_text,
+                    n_images=len(sel))
+
+    # --- generation ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample_images(self, cond, values, visible, steps=30, sampler="ddpm", guidance=7.5, generator=None):
+        """cond [n, Q, C] -> images [n, 3, H, W] in [0, 1]; the unconditional branch uses the null condition and
+        the same MMFS features (official)."""
+        n = cond.shape[0]
+        ch = self.unet.cfg.in_channels
+        noise = torch.randn(n, ch, self.latent, self.latent, generator=generator, device=cond.device,
+                            dtype=self.unet.conv_in.weight.dtype)
+        if guidance != 1.0:
+            null = self.null_cond.to(cond.dtype).expand(n, -1, -1)
+            cond2, values2 = torch.cat([cond, null]), (torch.cat([values[0], values[0]]), values[1])
+            visible2 = torch.cat([visible, visible])
+
+            def fn(x, t):
+                c, u = self.denoise(torch.cat([x, x]), torch.cat([t, t]), cond2, values2, visible2).chunk(2)
+                return cfg_combine(c, u, guidance)
+        else:
+            def fn(x, t):
+                return self.denoise(x, t, cond, values, visible)
+        return self.from_latent(self.schedule.sample(fn, noise, steps=steps, sampler=sampler, generator=generator))
+
+    @torch.no_grad()
+    def generate(self, prompt, tok, max_new_tokens=90, max_images=4, begin_image=False, temperature=1.0, top_k=None,
+                 top_p=0.9, repetition_penalty=1.3, steps=30, sampler="ddpm", guidance=7.5, generator=None,
+                 use_cache=True, max_len=None):
+        """One interleaved loop (official "Interleaved generation loop"): sample text with the KV cache; when BoI
+        comes (or at once with begin_image=True), draw an image with the decoder, re-encode it with the vision
+        tower, put it in context and go on; stop at </s>, max_new_tokens text tokens or max_images images
+        (max_images=0: text only, BoI stops). prompt: list of str / PIL / [3,H,W] tensors.
+        Returns the generated items: str and image tensors [3, H, W] in [0, 1]. temperature 0 = greedy."""
+        ids, images = self.encode_document(prompt, tok, eos=False)
+        s = _Session(self, use_cache, max_len or self.llm.cfg.max_seq_len)
+        for img in images:
+            s.add_image(img)
+        logits = s.feed(ids)
+        out, text, n_text, n_img = [], [], 0, 0
+        while True:
+            if begin_image and not out and not text:
+                nxt = self.cfg.boi_id
+            else:
+                logits[[self.cfg.image_id, tok.pad_id, tok.bos_id]] = float("-inf")  # never sampled
+                prev = torch.tensor(s.tokens, device=logits.device)[None]
+                nxt = int(sample_next(logits[None], temperature, top_k, top_p, repetition_penalty, prev, generator))
+            if nxt == tok.eos_id:
+                break
+            if nxt == self.cfg.boi_id:
+                if n_img >= max_images or len(s.tokens) + 2 + self.cfg.n_image_tokens > s.max_len:
+                    break
+                if text:
+                    out.append(tok.decode(text))
+                    text = []
+                s.feed([nxt])
+                img = s.draw(steps, sampler, guidance, generator)
+                out.append(img)
+                n_img += 1
+                s.add_image(img)
+                logits = s.feed([self.cfg.image_id] * self.cfg.n_image_tokens)
+                continue
+            text.append(nxt)
+            n_text += 1
+            if n_text >= max_new_tokens or len(s.tokens) + 1 > s.max_len:
+                break
+            logits = s.feed([nxt])
+        if text:
+            out.append(tok.decode(text))
+        return out
+
+    # --- building, saving, training helpers ---------------------------------------------------------------------
+    @classmethod
+    def from_components(cls, clip, llm, sd, preset="official", dtype=None, null_cond=None, **overrides):
+        """Assemble from official folders: a CLIP model folder, a LLaMA-family folder (with tokenizer.model) and a
+        Stable Diffusion 2.x pipeline root. ViT and LLaMA load in `dtype` (default: as stored); U-Net and VAE fp32.
+        null_cond: optional [dec_queries, C] tensor (official: SD's text encoding of "")."""
+        vit = VisionTransformer.from_pretrained(clip, dtype)
+        lm = LLaMA.from_pretrained(llm, dtype)
+        unet = UNet.from_pretrained(sd, torch.float32)
+        vae = AutoencoderKL.from_pretrained(sd, torch.float32)
+        sched_file = Path(sd) / "scheduler" / "scheduler_config.json"
+        names = NoiseSchedule.__init__.__code__.co_varnames[1:NoiseSchedule.__init__.__code__.co_argcount]
+        sched = read_json(sched_file) if sched_file.is_file() else PRESETS[preset]["schedule"]
+        cfg = MMIConfig.from_name(
+            preset, vision=asdict(vit.cfg), llm=asdict(lm.cfg), unet=asdict(unet.cfg), vae=asdict(vae.cfg),
+            schedule={k: v for k, v in sched.items() if k in names},
+            components=dict(clip=str(clip), llm=str(llm), sd=str(sd)), **overrides)
+        model = cls(cfg, vit=vit, llm=lm, unet=unet, vae=vae)
+        with torch.no_grad():
+            model.boi_base.copy_(lm.embed.weight.float().mean(0))  # as a resized embedding table's new row
+            if null_cond is not None:
+                model.null_cond.copy_(null_cond)
+        return model
+
+    def official_keys(self):
+        """State-dict keys that come frozen from official component files (not saved by save())."""
+        if not self.cfg.components:
+            return set()
+        keys = {"adapter.vit." + k for k in self.adapter.vit.state_dict()} if self.cfg.freeze_vit else set()
+        if self.cfg.freeze_llm:
+            keys |= {"llm." + k for k in self.llm.state_dict() if ".inserted." not in k}
+        return keys | {"vae." + k for k in self.vae.state_dict()}
+
+    def save(self, path):
+        """path/model.safetensors + path/config.json, each written to a temporary file then os.replace'd.
+        A model from from_components stores everything except the frozen official ViT, LLaMA and VAE tensors
+        (its U-Net is fine-tuned, so it is stored); load() reads those from cfg.components again."""
+        from safetensors.torch import save_file
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        skip, seen, tensors = self.official_keys(), set(), {}
+        for k, v in self.state_dict().items():
+            if k in skip:
+                continue
+            v = v.detach().cpu()
+            tensors[k] = v.clone() if v.data_ptr() in seen else v.contiguous()  # safetensors refuses shared memory
+            seen.add(v.data_ptr())
+        for name, write in [("model.safetensors", lambda f: save_file(tensors, f)),
+                            ("config.json", lambda f: Path(f).write_text(json.dumps(asdict(self.cfg), indent=1)))]:
+            tmp = path / f".{name}.tmp"
+            write(str(tmp))
+            os.replace(tmp, path / name)
+
+    @classmethod
+    def load(cls, path, components=None, map_location="cpu"):
+        """Inverse of save(). components: override the official folders recorded in the config."""
+        from safetensors.torch import load_file
+        path = Path(path)
+        cfg = MMIConfig(**read_json(path / "config.json"))
+        if cfg.components:
+            comp = {**cfg.components, **(components or {})}
+            keep = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in
+                    ("vision", "llm", "unet", "vae", "schedule", "components")}
+            model = cls.from_components(comp["clip"], comp["llm"], comp["sd"], **keep)
+        else:
+            model = cls(cfg)
+        tensors = load_file(str(path / "model.safetensors"), device=str(map_location))
+        expected = set(model.state_dict()) - model.official_keys()
+        missing, unexpected = expected - tensors.keys(), tensors.keys() - expected
+        if missing or unexpected:
+            raise CheckpointError(f"{path / 'model.safetensors'}: missing {sorted(missing)[:10]}, "
+                                  f"unexpected {sorted(unexpected)[:10]}")
+        model.load_state_dict(tensors, strict=False)
+        return model
+
+    def param_groups(self, weight_decay=0.05, lr=None, lr_unet=None, lr_offsets=None):
+        """AdamW groups (official): lr for new modules, lr_unet for the U-Net, lr_offsets for every
+        sampling_offsets layer; no weight decay on biases, norms, gates (all 1-D) and sampling offsets."""
+        lr, lr_unet = lr or self.cfg.lr, lr_unet or self.cfg.lr_unet
+        lr_offsets = lr_offsets or self.cfg.lr_offsets
+        unet_ids = {id(p) for p in self.unet.parameters()}
+        groups = {}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            offsets = "sampling_offsets" in name
+            group_lr = lr_offsets if offsets else lr_unet if id(p) in unet_ids else lr
+            decay = p.ndim >= 2 and not offsets
+            groups.setdefault((group_lr, decay), []).append(p)
+        return [dict(params=ps, lr=glr, weight_decay=weight_decay if decay else 0.0)
+                for (glr, decay), ps in groups.items()]
+
+    def set_grad_checkpointing(self, on=True):
+        """Recompute activations in backward for LLM blocks, ViT blocks, resampler layers and U-Net blocks."""
+        mods = [*self.llm.layers, *self.adapter.vit.blocks, *self.resampler.layers]
+        mods += [m for m in self.unet.modules() if type(m).__name__ in ("ResnetBlock2D", "Transformer2DModel")]
+        for m in mods:
+            if on and "forward" not in m.__dict__:
+                plain = m.forward
+                m.forward = lambda *a, _f=plain, **k: checkpoint(_f, *a, use_reentrant=False, **k) \
+                    if torch.is_grad_enabled() else _f(*a, **k)
+            elif not on and "forward" in m.__dict__:
+                del m.forward
+
+    def param_counts(self):
+        """{component: (total, trainable)} parameter counts."""
+        llm_mmfs = [p for n, p in self.llm.named_parameters() if ".inserted." in n]
+        parts_p = dict(
+            vit=list(self.adapter.vit.parameters()),
+            adapter=[p for p in self.adapter.parameters() if id(p) not in {id(q) for q in self.adapter.vit.parameters()}],
+            resampler=[*self.vis_proj.parameters(), *self.vis_ln1.parameters(), *self.vis_ln2.parameters(),
+                       *self.resampler.parameters()],
+            llm=[p for n, p in self.llm.named_parameters() if ".inserted." not in n],
+            llm_mmfs=llm_mmfs,
+            new_tokens=[self.boi, *self.new_head.parameters()],
+            decoder_context=[*self.ctx_proj.parameters(), *self.dec_resampler.parameters(), self.null_cond],
+            unet=list(self.unet.parameters()),
+            unet_mmfs=[*self.dec_norm_v.parameters(), *self.dec_norm_q.parameters(), *self.dec_mmfs.parameters(),
+                       *self.dec_zero.parameters()],
+            vae=list(self.vae.parameters()) if self.vae is not None else [])
+        return {k: (sum(p.numel() for p in ps), sum(p.numel() for p in ps if p.requires_grad))
+                for k, ps in parts_p.items()}
+
+
+class _Session:
+    """State of one interleaved generation (batch 1): tokens, image features, KV cache, final hidden states."""
+
+    def __init__(self, model: MMI, use_cache, max_len):
+        self.m, self.max_len = model, max_len
+        self.tokens, self.embeds, self.llm_values, self.dec_values, self.hidden = [], [], [], [], []
+        p = next(model.parameters())
+        self.cache = model.llm.new_cache(1, max_len) if use_cache else None
+        self.device = p.device
+
+    def add_image(self, img01):
+        emb, maps = self.m.encode_images(img01[None].to(self.device))
+        self.embeds.append(emb)
+        self.llm_values.append(self.m.flatten_maps(maps[1:]))
+        self.dec_values.append(self.m.flatten_maps(maps))
+
+    def feed(self, new):
+        """Run the LLM over new tokens (prefill or decode) -> logits of the last one [V + 2]."""
+        m, T0 = self.m, len(self.tokens)
+        self.tokens += list(new)
+        toks = torch.tensor(self.tokens, device=self.device)[None]
+        n_slots = int((toks == m.cfg.image_id).sum()) // m.cfg.n_image_tokens  # images already in the sequence
+        emb = torch.cat(self.embeds[:n_slots]) if n_slots else None
+        x = m.embed(toks, emb)                                                   # (1, T, D)
+        lay = m.layout(toks)
+        values, shapes = None, None
+        if lay["n_max"]:  # a BoI just fed has no image yet: zeros that no token can see
+            values = torch.cat([v for v, _ in self.llm_values])
+            missing = lay["n_max"] - values.shape[0]
+            values = torch.cat([values, values.new_zeros(missing, *values.shape[1:])]) if missing else values
+            shapes = self.llm_values[0][1]
+        ctx = m.visual_context(lay, values, shapes, 1)
+        if self.cache is not None:  # only the new positions; MMFS visibility rows of those positions
+            if ctx is not None:
+                ctx.visible = ctx.visible[:, T0:]
+            h = m.llm.forward_hidden(embeds=x[:, T0:], cache=self.cache, ctx=ctx)
+        else:                       # recompute everything (the reference the cache is tested against)
+            h = m.llm.forward_hidden(embeds=x, ctx=ctx)[:, T0:]
+        self.hidden.append(h[0])
+        return m.logits(h[0, -1])
+
+    def draw(self, steps, sampler, guidance, generator):
+        """Generate the image whose BoI was just fed; MMFS reads the previous image of the document."""
+        m = self.m
+        toks = torch.tensor(self.tokens, device=self.device)[None]
+        lay = m.layout(toks)
+        h = torch.cat(self.hidden)[None]                                          # (1, T, D)
+        i = len(lay["pos"]) - 1                                                   # the image being drawn
+        cond = m.condition(h, lay["rows"][i:], lay["start"][i:], lay["pos"][i:])
+        prev = lay["prev"][i:]
+        dec = torch.cat([v for v, _ in self.dec_values]) if self.dec_values else \
+            cond.new_zeros(1, 1, m.adapter.vit.cfg.hidden_size)
+        shapes = self.dec_values[0][1] if self.dec_values else None
+        if shapes is None:  # no image yet: a dummy value the mask hides (MMFS then outputs its bias)
+            shapes = torch.tensor([[1, 1]] * 4, device=self.device)
+            dec = cond.new_zeros(1, 4, m.adapter.vit.cfg.hidden_size)
+        values, visible = m.decoder_values(dec, shapes, prev)
+        return m.sample_images(cond, values, visible, steps, sampler, guidance, generator)[0]
