@@ -562,7 +562,8 @@ class CorpusDataset(IterableDataset):
     """Packed rows from .jsonl corpora, one pass (call set_epoch(e) between passes for new random placements).
     Lines are sharded over DDP ranks and DataLoader workers (line i goes to shard i % shards). Skipped documents
     ride along in each row's "skipped" list (the last row of a shard carries the tail), so they reach the main
-    process even from workers; a shard that yields no row at all warns with its report instead."""
+    process even from workers; a shard that yields no row at all warns with its report instead. Ranks may get
+    different numbers of rows: under DDP, end the epoch when any rank runs out (or use the synthetic stream)."""
 
     def __init__(self, paths, tokenizer, boi_id, image_id, n_image_tokens, seq_len, image_size=224, max_images=6,
                  min_sim=0.24, seed=0, rank=0, world_size=1):
