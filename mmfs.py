@@ -65,23 +65,33 @@ def deform_attn_reference(value, spatial_shapes, level_start_index, sampling_loc
     if len(shapes) != L or S != sum(h * w for h, w in shapes):
         raise ValueError(f"deform_attn: value has {S} positions and locations {L} levels, "
                          f"but spatial_shapes is {shapes}")
+    out_dtype = value.dtype
     dtype = torch.promote_types(value.dtype, sampling_locations.dtype)  # never sample at bf16-rounded locations
+    value, weights = value.to(dtype), attention_weights.to(dtype)
     grid = 2 * sampling_locations.to(dtype) - 1                         # grid_sample's [-1, 1] convention
-    weights = attention_weights.to(dtype)
     groups = {}                                                         # (H, W) -> levels of that shape
     for l, hw in enumerate(shapes):
         groups.setdefault(hw, []).append(l)
 
-    out = value.new_zeros(B, M, D, Q, dtype=dtype)
+    out = 0
     for (H, W), levels in groups.items():
-        k = len(levels)
-        v = torch.stack([value[:, starts[l]:starts[l] + H * W] for l in levels], 1)  # (B, k, H*W, M, D)
-        v = v.to(dtype).permute(0, 3, 1, 4, 2).reshape(B * M * k, D, H, W)
-        g = grid[:, :, :, levels].permute(0, 2, 3, 1, 4, 5).reshape(B * M * k, Q, P, 2)
-        a = weights[:, :, :, levels].permute(0, 2, 3, 1, 4).reshape(B * M * k, 1, Q, P)
-        sampled = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)  # (B*M*k, D, Q, P)
-        out = out + (sampled * a).sum(-1).view(B, M, k, D, Q).sum(2)
-    return out.permute(0, 3, 1, 2).reshape(B, Q, M * D).to(value.dtype)
+        out = out + _sample_levels(value, starts, H, W, levels, grid, weights)  # (B, M, D, Q)
+    return out.permute(0, 3, 1, 2).reshape(B, Q, M * D).to(out_dtype)
+
+
+def _sample_levels(value, starts, H, W, levels, grid, weights):
+    """sum over `levels` (all of shape H x W) and points of weight * bilinear sample: [B, M, D, Q]. A function of its
+    own so that its [B*M*k, D, Q, P] samples are freed before the next group's are made."""
+    B, _, M, D = value.shape
+    _, Q, _, _, P, _ = grid.shape
+    k = len(levels)
+    v = torch.stack([value[:, starts[l]:starts[l] + H * W] for l in levels], 1)       # (B, k, H*W, M, D)
+    v = v.permute(0, 3, 1, 4, 2).reshape(B * M * k, D, H, W)
+    g = grid[:, :, :, levels].permute(0, 2, 3, 1, 4, 5).reshape(B * M * k, Q, P, 2)
+    a = weights[:, :, :, levels].permute(0, 2, 3, 1, 4).reshape(B * M * k, 1, Q, P)
+    sampled = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)  # (B*M*k, D, Q, P)
+    weighted = sampled * a if sampled.requires_grad else sampled.mul_(a)  # in place when autograd is off
+    return weighted.sum(-1).view(B, M, k, D, Q).sum(2)
 
 
 _kernel_failed = False  # set once the CUDA kernel could not be imported or built: we stop trying

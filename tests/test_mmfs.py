@@ -385,3 +385,11 @@ def test_pixel_centres_are_row_major_xy():
     assert c.shape == (8, 2)
     torch.testing.assert_close(c[1], torch.tensor([0.375, 0.25]))
     torch.testing.assert_close(c[4], torch.tensor([0.125, 0.75]))
+
+
+def test_reference_mixed_precision_samples_at_full_precision_locations():
+    value, ss, starts, loc, w = make_op_inputs(dtype=torch.float32)
+    out = deform_attn_reference(value.bfloat16(), ss, starts, loc, w)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), deform_attn_reference(value.bfloat16().float(), ss, starts, loc, w),
+                               rtol=1e-2, atol=1e-2)

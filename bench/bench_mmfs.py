@@ -1,0 +1,140 @@
+"""Time and peak memory of the MMFS deformable-attention op: our grouped grid_sample reference vs the usual
+per-(image, level) loop.
+
+    python bench/bench_mmfs.py                 # both cases, CPU, 1 thread
+    python bench/bench_mmfs.py --case=llm --threads=2 --repeats=5
+    python bench/bench_mmfs.py --device=cuda   # on a GPU: also the kernel of kernels/ (through mmfs.deform_attn)
+
+Every (case, implementation, mode) runs in its own subprocess, so that its peak memory is its own: on the CPU, the
+growth of the peak resident set (ru_maxrss) over what the inputs already took; on a GPU, torch.cuda's peak allocation.
+Cases (batch 1, 16 heads x 64 channels, 8 points, fp32):
+    llm   Q=2048 tokens, 4 images x levels 32/16/8 (official LLM use: 12 "levels" in the op)
+    unet  Q=64*64 pixels of the first skip, 1 image x levels 64/32/16/8 (official U-Net use)
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import mmfs  # noqa: E402
+
+CASES = {
+    "llm": dict(Q=2048, images=4, levels=[32, 16, 8]),
+    "unet": dict(Q=64 * 64, images=1, levels=[64, 32, 16, 8]),
+}
+M, D, P = 16, 64, 8
+
+
+def naive_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """The usual pure-torch version: one grid_sample per (image, level), all samples stacked, then weighted."""
+    B, S, M, D = value.shape
+    _, Q, _, L, P, _ = sampling_locations.shape
+    grid = 2 * sampling_locations - 1
+    sampled = []
+    for l, (H, W) in enumerate(spatial_shapes.tolist()):
+        s = int(level_start_index[l])
+        v = value[:, s:s + H * W].permute(0, 2, 3, 1).reshape(B * M, D, H, W)
+        g = grid[:, :, :, l].transpose(1, 2).reshape(B * M, Q, P, 2)
+        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
+    sampled = torch.stack(sampled, -2).flatten(-2)                               # (B*M, D, Q, L*P)
+    a = attention_weights.transpose(1, 2).reshape(B * M, 1, Q, L * P)
+    return (sampled * a).sum(-1).view(B, M * D, Q).transpose(1, 2)              # (B, Q, M*D)
+
+
+IMPLS = {"grouped": mmfs.deform_attn_reference, "naive": naive_deform_attn, "dispatch": mmfs.deform_attn}
+
+
+def make_inputs(case, device, grad, seed=0):
+    c = CASES[case]
+    g = torch.Generator().manual_seed(seed)
+    shapes = torch.tensor([[s, s] for s in c["levels"]] * c["images"])
+    L, S = len(shapes), int((shapes[:, 0] * shapes[:, 1]).sum())
+    value = torch.randn(1, S, M, D, generator=g)
+    loc = 0.5 + 0.3 * torch.randn(1, c["Q"], M, L, P, 2, generator=g)          # some points fall off the map
+    w = torch.rand(1, c["Q"], M, L, P, generator=g)
+    w = w / w.sum((-2, -1), keepdim=True)
+    ts = [t.to(device).requires_grad_(grad) for t in (value, loc, w)]
+    shapes = shapes.to(device)
+    return ts[0], shapes, mmfs.level_starts(shapes), ts[1], ts[2]
+
+
+def worker(case, impl, mode, device, repeats):
+    grad = mode == "fwd+bwd"
+    args = make_inputs(case, device, grad)
+    fn = IMPLS[impl]
+    cuda = device == "cuda"
+
+    def run():
+        with torch.set_grad_enabled(grad):
+            out = fn(*args)
+            if grad:
+                out.sum().backward()
+        if cuda:
+            torch.cuda.synchronize()
+
+    if cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t0 = time.perf_counter()
+    run()                                                                        # first call: also the memory probe
+    first = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    times = [first] if not cuda else []                                          # no compile/warm-up noise on CPU
+    for _ in range(repeats - len(times)):
+        for t in args:
+            if isinstance(t, torch.Tensor) and t.grad is not None:
+                t.grad = None
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return dict(case=case, impl=impl, mode=mode, ms=1e3 * statistics.median(times), peak_mb=(peak - base) / 2**20)
+
+
+def check_agreement(device):
+    """The two pure-torch implementations compute the same thing (on a small copy of each case)."""
+    for case in CASES:
+        value, shapes, starts, loc, w = make_inputs(case, device, grad=False)
+        loc, w = loc[:, :64], w[:, :64]
+        a = mmfs.deform_attn_reference(value, shapes, starts, loc, w)
+        b = naive_deform_attn(value, shapes, starts, loc, w)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--case", choices=[*CASES, "all"], default="all")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--worker", nargs=3, metavar=("CASE", "IMPL", "MODE"))
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    if a.worker:
+        print(json.dumps(worker(*a.worker, a.device, a.repeats)))
+        return
+    check_agreement(a.device)
+    impls = ["grouped", "naive"] + (["dispatch"] if a.device == "cuda" else [])
+    print(f"device={a.device} threads={a.threads} repeats={a.repeats} (median ms; peak MB above the inputs)")
+    print(f"{'case':6} {'impl':9} {'mode':8} {'ms':>9} {'peak MB':>9}")
+    for case in (CASES if a.case == "all" else [a.case]):
+        for impl in impls:
+            for mode in ("fwd", "fwd+bwd"):
+                cmd = [sys.executable, __file__, "--worker", case, impl, mode, "--device", a.device,
+                       "--threads", str(a.threads), "--repeats", str(a.repeats)]
+                r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+                print(f"{case:6} {impl:9} {mode:8} {r['ms']:9.1f} {r['peak_mb']:9.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
