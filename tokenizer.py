@@ -111,6 +111,11 @@ def _utf8(b):
         return re.sub("[\udc80-\udcff]", "\ufffd", b.decode("utf-8", "surrogateescape"))
 
 
+def _check_ids(ids, vocab_size):
+    if ids and (min(ids) < 0 or max(ids) >= vocab_size):
+        raise ValueError(f"token id out of range [0, {vocab_size}): {min(ids) if min(ids) < 0 else max(ids)}")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 
 class Tokenizer:
@@ -309,8 +314,8 @@ class Tokenizer:
     def decode(self, ids):
         if hasattr(ids, "tolist"):
             ids = ids.tolist()
-        n = len(self.pieces)
-        drop = {self.bos_id, self.eos_id, self.pad_id}
+        _check_ids(ids, self.vocab_size)
+        n, drop = len(self.pieces), {self.bos_id, self.eos_id, self.pad_id}
         ids = [i for i in ids if i not in drop and i < n and self.types[i] != CONTROL]  # added specials are >= n
         if not ids:
             return ""
@@ -375,7 +380,8 @@ class ByteTokenizer:
     def decode(self, ids):
         if hasattr(ids, "tolist"):
             ids = ids.tolist()
-        return _utf8(self._enc.decode_bytes([i for i in ids if 0 <= i < 256]))
+        _check_ids(ids, self.vocab_size)
+        return _utf8(self._enc.decode_bytes([i for i in ids if i < 256]))
 
     @property
     def vocab_size(self):

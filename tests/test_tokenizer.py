@@ -2,6 +2,7 @@
 
 import json
 import random
+import struct
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,9 @@ def test_bos_eos_and_specials(tok):
     assert tok.token_id("<s>") == 1 and tok.id_to_piece(29871) == "\u2581"
     with pytest.raises(KeyError):
         tok.token_id("<not-a-token>")
+    for bad in ([32000], [-1], [5, 40000]):
+        with pytest.raises(ValueError, match="out of range"):
+            tok.decode(bad)
 
 
 def test_add_special_tokens():
@@ -111,30 +115,46 @@ def test_add_special_tokens():
     assert t.decode(t.encode("x") + [31999, 31999]) == "x"
 
 
+# A tiny protobuf writer (test-only) to derive model files that sentencepiece itself loads as the reference.
+def pb_varint(v):
+    out = bytearray()
+    while True:
+        out.append((v & 0x7F) | (0x80 if v > 0x7F else 0))
+        v >>= 7
+        if not v:
+            return bytes(out)
+
+
+def pb_field(num, value):  # int -> varint, bytes/str -> length-delimited, float -> fixed32
+    if isinstance(value, float):
+        return pb_varint(num << 3 | 5) + struct.pack("<f", value)
+    if isinstance(value, (bytes, str)):
+        value = value.encode() if isinstance(value, str) else value
+        return pb_varint(num << 3 | 2) + pb_varint(len(value)) + value
+    return pb_varint(num << 3) + pb_varint(int(value))
+
+
 def set_normalizer(model_bytes, **flags):
-    """Returns the model with NormalizerSpec bool fields replaced (a tiny protobuf writer; test-only)."""
+    """The model with NormalizerSpec bool fields replaced."""
     nums = {"add_dummy_prefix": 3, "remove_extra_whitespaces": 4}
-
-    def varint(v):
-        out = bytearray()
-        while True:
-            out.append((v & 0x7F) | (0x80 if v > 0x7F else 0))
-            v >>= 7
-            if not v:
-                return bytes(out)
-
-    def field(num, wire, payload):
-        key = varint(num << 3 | wire)
-        return key + (varint(len(payload)) + payload if wire == 2 else varint(payload))
-
     out = b""
     for num, value in T._fields(model_bytes):
         if num == 3:
-            inner = b"".join(field(n, 0 if isinstance(v, int) else 2, v) for n, v in T._fields(value)
-                             if n not in (nums[k] for k in flags))
-            value = inner + b"".join(field(nums[k], 0, int(v)) for k, v in flags.items())
-        out += field(num, 2, value) if isinstance(value, bytes) else field(num, 0, value)
+            value = b"".join(pb_field(n, v) for n, v in T._fields(value) if n not in [nums[k] for k in flags])
+            value += b"".join(pb_field(nums[k], v) for k, v in flags.items())
+        out += pb_field(num, value)
     return out
+
+
+def make_model(normal_pieces):
+    """A small LLaMA-style BPE model: <unk>, <s>, </s>, 256 byte pieces, then (piece, score) NORMAL pieces."""
+    pieces = [("<unk>", 0.0, 2), ("<s>", 0.0, 3), ("</s>", 0.0, 3)] + [(f"<0x{b:02X}>", 0.0, 6) for b in range(256)]
+    pieces += [(p, float(s), 1) for p, s in normal_pieces]
+    out = b"".join(pb_field(1, pb_field(1, p) + pb_field(2, s) + pb_field(3, t)) for p, s, t in pieces)
+    trainer = pb_field(3, 2) + pb_field(4, len(pieces)) + pb_field(35, 1) + pb_field(40, 0) + pb_field(41, 1) \
+        + pb_field(42, 2)
+    normalizer = pb_field(1, "identity") + pb_field(3, 1) + pb_field(4, 0)
+    return out + pb_field(2, trainer) + pb_field(3, normalizer)
 
 
 @pytest.mark.parametrize("flags", [dict(add_dummy_prefix=False), dict(remove_extra_whitespaces=True)])
@@ -176,3 +196,34 @@ def test_byte_tokenizer():
         assert t.decode(t.encode(text, eos=True)) == text
     assert t.decode([256, 72, 259, 105, 258, 257]) == "Hi"
     assert t.decode([0xE4, 0xB8]) == "\ufffd\ufffd"
+    with pytest.raises(ValueError, match="out of range"):
+        t.decode([261])
+
+
+CHARS = [("\u2581", -100), ("a", -101), ("b", -102), ("c", -103), ("d", -104), ("é", -105), ("字", -106)]
+
+
+@pytest.mark.parametrize("case", ["unreachable", "space_inside", "tied_scores"])
+def test_small_models_match_sentencepiece(case, tmp_path):
+    """Models that break what the tiktoken route relies on: it must drop the piece or fall back, staying exact."""
+    spm = pytest.importorskip("sentencepiece")
+    normal = {
+        # "bc" merges first in "▁abcd", so "▁abcd" (= "▁ab" + "cd" only) is never reached; tiktoken would return it
+        # for the chunk "▁abcd" without running the BPE
+        "unreachable": [("bc", -1), ("\u2581a", -2), ("cd", -3), ("\u2581ab", -4), ("\u2581abcd", -5),
+                        ("\u2581\u2581", -1e9), ("é字", -6), ("\u2581é字", -7)],
+        "space_inside": [("a\u2581b", -1), ("\u2581a", -2), ("cd", -3), ("\u2581\u2581", -1e9)],  # -> python engine
+        "tied_scores": [("ab", -1), ("bc", -1), ("\u2581a", -2), ("cd", -3)],  # ties: position, not rank -> python
+    }[case]
+    path = tmp_path / "small.model"
+    path.write_bytes(make_model(normal + CHARS))
+    sp, t = spm.SentencePieceProcessor(model_file=str(path)), T.Tokenizer(path)
+    assert t.engine == ("tiktoken" if case == "unreachable" else "python")
+    if case == "unreachable":
+        assert t.n_unreachable == 1
+    rng = random.Random(0)
+    texts = ["abcd", " abcd", "abcdabcd", "a b", "a  b", "é字", " é字x", "Z"] + \
+        ["".join(rng.choice("abcd abé字\u2581Z") for _ in range(rng.randint(0, 12))) for _ in range(300)]
+    for text in texts:
+        assert t.encode(text, bos=False) == sp.encode(text), repr(text)
+        assert t.decode(t.encode(text)) == sp.decode(sp.encode(text)), repr(text)
