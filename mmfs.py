@@ -195,8 +195,8 @@ class MMFS(nn.Module):
     def forward(self, query, reference_points, value, spatial_shapes, visible=None):
         """query [B, Q, query_dim]; reference_points [B, Q, 2] or [Q, 2], (x, y) in [0, 1];
         value [B, N, S, value_dim], each image's levels flattened and concatenated (S = sum H_l*W_l);
-        spatial_shapes [L, 2] (H, W) of one image's levels; visible [B, Q, N] bool (None: all visible).
-        Returns [B, Q, out_dim]."""
+        spatial_shapes [L, 2] (H, W) of one image's levels; visible [B, Q, N] bool (None: all visible; without
+        the null key every query must see some image). Returns [B, Q, out_dim]."""
         B, Q, _ = query.shape
         N, S = value.shape[1:3]
         M, L, P = self.n_heads, self.n_levels, self.n_points
@@ -212,6 +212,8 @@ class MMFS(nn.Module):
         shapes = spatial_shapes.repeat(N, 1)                                      # (N*L, 2)
 
         offsets, logits = self._heads(query, visible)  # (B, Q, N or 1, M*Lo*P*2), (B, Q, N or 1, M*L*P)
+        fp = torch.promote_types(offsets.dtype, torch.float32)  # locations and softmax at fp32 or better, also
+        offsets, logits = offsets.to(fp), logits.to(fp)           # when the module runs in bf16 / under autocast
 
         # Sampling locations = reference point + offset / cells, per (image, head, level, point).
         Lo = 1 if self.shared_offsets else L

@@ -393,3 +393,12 @@ def test_reference_mixed_precision_samples_at_full_precision_locations():
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), deform_attn_reference(value.bfloat16().float(), ss, starts, loc, w),
                                rtol=1e-2, atol=1e-2)
+
+
+def test_bf16_module_runs_and_keeps_locations_in_fp32():
+    m = tiny_mmfs().to(torch.bfloat16)
+    q, ref, v = inputs()
+    out = m(q.bfloat16(), ref, v.bfloat16(), SHAPES)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), tiny_mmfs().to(torch.bfloat16).double()(q.bfloat16().double(), ref,
+                               v.bfloat16().double(), SHAPES), rtol=0.05, atol=0.05)
