@@ -31,6 +31,7 @@ BUILD_DIR = KERNEL_DIR / "build"  # git-ignored cache of compiled libraries, one
 
 # g++ flags of the CPU emulation; MMI_KERNEL_SANITIZE=1 (kernels/sanitize.sh) adds ASan/UBSan.
 CPU_FLAGS = ["-O2", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-x", "c++"]
+NVCC_FLAGS = ["-O3", "-shared", "-Xcompiler", "-fPIC", "-x", "cu"]  # the nvcc + ctypes fallback route
 SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
 
 
@@ -122,6 +123,14 @@ def cpu_library_path(sanitize=None):
     return _cached_build("cpu-asan" if sanitize else "cpu", [cxx] + CPU_FLAGS + (SANITIZE_FLAGS if sanitize else []))
 
 
+def nvcc_library_path(arch):
+    """Build (or find in the cache) the kernels and their *_launch host functions with nvcc, for one GPU arch."""
+    nvcc = shutil.which("nvcc") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
+    if not os.path.exists(nvcc):
+        raise KernelUnavailable("nvcc not found (PATH, CUDA_HOME)")
+    return _cached_build(f"cuda-{arch}", [nvcc, f"-arch={arch}"] + NVCC_FLAGS)
+
+
 def _cpu_backend():
     sanitize = os.environ.get("MMI_KERNEL_SANITIZE") == "1"
     if sanitize not in _CPU:
@@ -142,11 +151,7 @@ def _gpu_backend(device):
         if index not in _GPU:
             try:
                 major, minor = torch.cuda.get_device_capability(index)
-                nvcc = shutil.which("nvcc") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
-                if not os.path.exists(nvcc):
-                    raise KernelUnavailable("nvcc not found (PATH, CUDA_HOME)")
-                cmd = [nvcc, "-O3", "-shared", "-Xcompiler", "-fPIC", f"-arch=sm_{major}{minor}", "-x", "cu"]
-                lib = _load_library(_cached_build(f"cuda-sm{major}{minor}", cmd))
+                lib = _load_library(nvcc_library_path(f"sm_{major}{minor}"))
                 _GPU[index] = _CtypesBackend(lib, lambda dev: ctypes.c_void_p(torch.cuda.current_stream(dev).cuda_stream))
             except Exception as e:
                 reasons.append(f"nvcc: {type(e).__name__}: {e}")

@@ -2,6 +2,7 @@
 emulates CUDA threads) against an explicit loop of the formula and the grid_sample reference; plus an nvcc compile
 check (registers, no spills) and the KernelUnavailable contract on machines without a GPU."""
 
+import contextlib
 import re
 import shutil
 import subprocess
@@ -231,13 +232,18 @@ def test_cuda_kernel_unavailable_is_reported_as_such():
 # ------------------------------------------------------------------------------------------- nvcc compile check
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-def test_nvcc_compiles_without_register_spills(arch, tmp_path):
-    # What NVRTC compiles at run time (the header pasted in), for device code only; ptxas reports per kernel.
-    src = tmp_path / "deform_attn.cu"
-    src.write_text(kernels.kernel_source())
-    proc = subprocess.run(["nvcc", "-cubin", "-O3", f"-arch={arch}", "-Xptxas", "-v", str(src),
-                           "-o", str(tmp_path / "k.cubin")], capture_output=True, text=True)
+@pytest.mark.parametrize("arch,route", [("sm_80", "nvcc"), ("sm_90", "nvrtc")])
+def test_nvcc_compiles_without_register_spills(arch, route, tmp_path):
+    # sm_80: the nvcc fallback's shared library, which must also load and export the four launchers by C name.
+    # sm_90: device code only, from the text NVRTC compiles at run time (header pasted in). ptxas reports per kernel.
+    if route == "nvcc":
+        out = tmp_path / "k.so"
+        cmd = ["nvcc", f"-arch={arch}", *kernels.NVCC_FLAGS, "-Xptxas", "-v", str(kernels.SOURCE), "-o", str(out)]
+    else:
+        src = tmp_path / "deform_attn.cu"
+        src.write_text(kernels.kernel_source())
+        cmd = ["nvcc", "-cubin", "-O3", f"-arch={arch}", "-Xptxas", "-v", str(src), "-o", str(tmp_path / "k.cubin")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     report = proc.stdout + proc.stderr
     regs = dict(re.findall(r"Function properties for (\w+).*?Used (\d+) registers", report, re.S))
@@ -245,3 +251,29 @@ def test_nvcc_compiles_without_register_spills(arch, tmp_path):
     print(arch, "registers:", regs)
     assert sorted(regs) == sorted(f"deform_attn_{d}_{s}" for d in ("forward", "backward") for s in ("f32", "f64"))
     assert len(spills) == 4 and not any(spills), f"register spills on {arch}:\n{report}"
+    if route == "nvcc":
+        kernels._load_library(out)  # loads without a GPU; a missing symbol raises AttributeError
+
+
+def test_gpu_build_failures_become_kernel_unavailable(monkeypatch):
+    # Pretend to be a GPU machine where both routes fail: one KernelUnavailable naming both reasons, remembered so
+    # that later calls fail fast instead of recompiling (mmfs then warns once and uses the reference).
+    calls = []
+
+    def nvrtc_fails(*args, **kwargs):
+        calls.append("nvrtc")
+        raise RuntimeError("nvrtc says no")
+
+    def nvcc_fails(arch):
+        calls.append(arch)
+        raise kernels.KernelUnavailable("nvcc not found")
+
+    monkeypatch.setattr(kernels, "_GPU", {})
+    monkeypatch.setattr(torch.cuda, "device", lambda index: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "_compile_kernel", nvrtc_fails)
+    monkeypatch.setattr(kernels, "nvcc_library_path", nvcc_fails)
+    for _ in range(2):
+        with pytest.raises(kernels.KernelUnavailable, match="NVRTC: RuntimeError: nvrtc says no.*nvcc not found"):
+            kernels._gpu_backend(torch.device("cuda", 0))
+    assert calls == ["nvrtc", "sm_90"]
