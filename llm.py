@@ -348,7 +348,4 @@ def generate(model: LLaMA, tokens, max_new_tokens: int, stop_ids=(), pad_id=None
     return out
 
 
-try:  # the tokenizers live in tokenizer.py (separate owner); re-exported here for `from llm import Tokenizer`
-    from tokenizer import ByteTokenizer, Tokenizer  # noqa: F401,E402
-except ImportError:
-    pass
+from tokenizer import ByteTokenizer, Tokenizer  # noqa: E402,F401  (tokenizer.py; re-exported: `from llm import Tokenizer`)
