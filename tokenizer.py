@@ -172,10 +172,12 @@ class Tokenizer:
         assembled before any merge; an unknown character never assembles and stays as bytes); then the merged
         pieces in score order. Token ids are not usable as ranks (characters sit at the end of LLaMA's vocab).
         The 16 whitespace-only pieces share the lowest score, so SentencePiece merges them last and leftmost
-        first: runs of lone "▁" become chunks of up to 16. We pre-split the text before every "▁" (no other piece
-        holds "▁" past its first character, so no merge crosses that point), let tiktoken merge each chunk, and
-        collapse runs of lone "▁" afterwards. These facts are checked here; a model that breaks them falls back to
-        the python engine.
+        first: a run of "▁" becomes chunks of 16 from the left. The pre-split regex cuts the text before every
+        "▁" (no other piece holds "▁" past its first character, so no merge crosses that point) and cuts a run of
+        n "▁" into chunks of 16 from the left plus its last "▁", which goes with the next word; tiktoken returns
+        a chunk that is a whole token as is. When that last "▁" cannot merge with the word (" 1", "  \n"), it is
+        left alone and SentencePiece would have joined it to the run: _join_spaces does that afterwards.
+        These facts are checked here; a model that breaks them falls back to the python engine.
         """
         normal = [(i, p) for i, p in enumerate(self.pieces) if self.types[i] == NORMAL]
         ws = {len(p): i for i, p in normal if set(p) == {SPACE}}  # whitespace-only pieces by length
@@ -196,7 +198,9 @@ class Tokenizer:
                 ranks.setdefault(u[:k], len(ranks))
         for _, p in merged:
             ranks[p.encode()] = len(ranks)
-        pat = f"{SPACE}?[^{SPACE}]+|{SPACE}"
+        for n in sorted(ws)[1:]:  # only ever whole chunks (runs), never merged with anything
+            ranks[(SPACE * n).encode()] = len(ranks)
+        pat = f"{SPACE}{{1,{len(ws)}}}(?={SPACE})|{SPACE}?[^{SPACE}]+|{SPACE}"
         enc = tiktoken.Encoding("spm-bpe", pat_str=pat, mergeable_ranks=ranks, special_tokens={})
         # tiktoken returns a chunk that is itself a token without running BPE, but SentencePiece might not reach
         # that piece from its characters. Encode every piece followed by a character found in no piece (so the BPE
@@ -221,15 +225,19 @@ class Tokenizer:
             r = ranks.get(p.encode())
             if r is not None:
                 self._rank_id[r] = i
+        for b in range(256):  # a byte that is not a piece (e.g. "\n") is its <0xXX> token: no spelling needed
+            if self._rank_id[b] < 0:
+                self._rank_id[b] = self.byte_ids[b]
         self._ws_ids = [ws[n] for n in range(1, len(ws) + 1)]  # id of "▁" * n
+        self._ws_len = {i: n for n, i in ws.items()}
         self.n_unreachable = len(unreachable)
 
     def _encode_tiktoken(self, s):
         ids = list(map(self._rank_id.__getitem__, self._enc.encode_ordinary(s)))
         if -1 in ids:  # leftover character prefixes / unknown characters -> byte fallback
             ids = self._spell_bytes(ids, self._enc.encode_ordinary(s))
-        if SPACE + SPACE in s:  # only then can lone "▁" tokens be adjacent
-            ids = self._collapse_spaces(ids)
+        if SPACE + SPACE in s:  # only then is there a run for a lone "▁" to join
+            ids = self._join_spaces(ids)
         return ids
 
     def _spell_bytes(self, ids, ranks):
@@ -241,20 +249,21 @@ class Tokenizer:
                 out.extend(self.byte_ids[b] for b in self._rank_bytes[r])
         return out
 
-    def _collapse_spaces(self, ids):
-        """Runs of lone "▁" -> chunks of up to 16 from the left, as SentencePiece's last (tied) merges make them."""
-        one, k, out, run = self._ws_ids[0], len(self._ws_ids), [], 0
-        for i in ids + [None]:
-            if i == one:
-                run += 1
-                continue
-            while run:
-                n = min(run, k)
-                out.append(self._ws_ids[n - 1])
-                run -= n
-            if i is not None:
-                out.append(i)
-        return out
+    def _join_spaces(self, ids):
+        """A lone "▁" right after a run's last chunk ("▁" * r, r < 16) makes it "▁" * (r + 1), as SentencePiece."""
+        one, ws, out, i = self._ws_ids[0], self._ws_ids, [], 0
+        while True:
+            try:
+                j = ids.index(one, i)  # jump from one lone "▁" to the next at C speed
+            except ValueError:
+                return out + ids[i:]
+            out += ids[i:j]
+            r = self._ws_len.get(out[-1], len(ws)) if out else len(ws)
+            if r < len(ws):
+                out[-1] = ws[r]
+            else:
+                out.append(one)
+            i = j + 1
 
     # --- python engine: SentencePiece's BPE as written (heap of candidate pairs, best score, then leftmost) ---
     def _encode_python(self, s):
