@@ -38,12 +38,19 @@ __device__ __forceinline__ Cell<T> cell_at(T h, T w, int H, int W) {
     return c;
 }
 
-// Pixel coordinates of a sampling location; false when all four corners lie outside the map, where value and every
-// derivative are exactly zero. The test is written so that NaN locations are skipped too (and never cast to int).
+// Pixel coordinates of a sampling location. `nan` is 0 for a finite location and NaN otherwise: a NaN or infinite
+// location must poison the result (as it does in grid_sample), not vanish as "outside the map".
 template <typename T>
-__device__ __forceinline__ bool pixel_coords(const T* loc, int H, int W, T& h, T& w) {
+__device__ __forceinline__ void pixel_coords(const T* loc, int H, int W, T& h, T& w, T& nan) {
     w = loc[0] * (T)W - (T)0.5;
     h = loc[1] * (T)H - (T)0.5;
+    nan = (h - h) + (w - w);
+}
+
+// False when all four corners lie outside the map (value and every derivative exactly zero) or the location is not
+// finite: such points are never floored and cast to int.
+template <typename T>
+__device__ __forceinline__ bool near_map(T h, T w, int H, int W) {
     return h >= (T)-1 && h < (T)H && w >= (T)-1 && w < (T)W;
 }
 
@@ -63,8 +70,10 @@ __device__ __forceinline__ void deform_attn_forward(const T* __restrict__ value,
             const int H = (int)shapes[2 * l], W = (int)shapes[2 * l + 1];
             const T* v = value + (b * S + level_start[l]) * MD + (i64)m * D + c;  // pixel 0 of level l
             for (int p = 0; p < P; ++p, ++i) {
-                T h, w;
-                if (!pixel_coords(loc + 2 * i, H, W, h, w)) continue;
+                T h, w, nan;
+                pixel_coords(loc + 2 * i, H, W, h, w, nan);
+                if (nan != 0) acc += nan;
+                if (!near_map(h, w, H, W)) continue;
                 const Cell<T> e = cell_at(h, w, H, W);
                 const T wt[4] = {(1 - e.lh) * (1 - e.lw), (1 - e.lh) * e.lw, e.lh * (1 - e.lw), e.lh * e.lw};
                 T val = 0;
@@ -103,8 +112,14 @@ __device__ __forceinline__ void deform_attn_backward(const T* __restrict__ value
             const T* v = value + base;
             T* gv = grad_value + base;
             for (int p = 0; p < P; ++p, ++i) {
-                T h, w;
-                if (!pixel_coords(loc + 2 * i, H, W, h, w)) continue;
+                T h, w, nan;
+                pixel_coords(loc + 2 * i, H, W, h, w, nan);
+                if (nan != 0) {  // NaN gradients for this point's location and weight
+                    atomicAdd(grad_attn + i, nan);
+                    atomicAdd(grad_loc + 2 * i, nan);
+                    atomicAdd(grad_loc + 2 * i + 1, nan);
+                }
+                if (!near_map(h, w, H, W)) continue;
                 const Cell<T> e = cell_at(h, w, H, W);
                 const T hh = 1 - e.lh, hw = 1 - e.lw;
                 const T wt[4] = {hh * hw, hh * e.lw, e.lh * hw, e.lh * e.lw};

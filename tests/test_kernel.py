@@ -172,6 +172,23 @@ def test_points_on_borders_and_outside():
     assert out[0, xs.index(-5.0) * len(ys)].abs().max() == 0  # far outside: exactly zero
 
 
+def test_non_finite_locations_poison_like_the_reference():
+    # NaN / inf locations give NaN outputs and NaN location/weight gradients (never a silent "outside the map" zero);
+    # a huge finite location is simply outside. Value gradients stay zero there in both.
+    value, shapes, starts, loc, attn = make_case([(3, 4)], B=1, M=1, D=2, Q=5, P=1)
+    inf = float("inf")
+    loc[0, 0, 0, 0, 0, 0], loc[0, 1, 0, 0, 0, 1], loc[0, 2, 0, 0, 0, 0] = float("nan"), inf, -inf
+    loc[0, 3, 0, 0, 0] = 1e30
+    args = (value, shapes, starts, loc, attn)
+    grad_out = torch.randn(1, 5, 2, dtype=torch.float64)
+    (out, grads), (ref_out, ref_grads) = run_both(kernels.cpu_emulated_deform_attn, args, grad_out), run_both(reference, args, grad_out)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-12, equal_nan=True)
+    assert out[0, :3].isnan().all() and (out[0, 3] == 0).all() and not out[0, 4].isnan().any()
+    torch.testing.assert_close(grads[0], ref_grads[0], rtol=0, atol=1e-12)
+    assert grads[1][0, :3].isnan().all() and grads[2][0, :3].isnan().all()
+    assert not grads[1][0, 3:].isnan().any() and not grads[2][0, 3:].isnan().any()
+
+
 @pytest.mark.parametrize("threads,blocks", [(1, 1), (1, 13), (32, 1), (64, None), (7, 3), (256, 2)])
 def test_launch_configurations_agree(threads, blocks):
     # Small grids make each thread loop (grid stride); odd block sizes split (b,q,m) rows across blocks.
