@@ -171,7 +171,7 @@ class _DeformAttn(torch.autograd.Function):
         B, S, M, D = value.shape
         Q, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
         sizes = [B, S, M, D, Q, L, P]
-        out = value.new_zeros(B, Q, M * D)
+        out = value.new_empty(B, Q, M * D)  # every element is written by the kernel
         n = B * Q * M * D
         if n > 0:
             grid, block = config(n)
@@ -220,7 +220,8 @@ def _prepare(value, spatial_shapes, level_start_index, sampling_locations, atten
                          f"{tuple(spatial_shapes.shape)} and {tuple(level_start_index.shape)}")
     if max(B, S, M, D, Q, L, P) >= 2**31:
         raise ValueError("each size must fit in 32 bits (products are 64-bit inside the kernel)")
-    hw_starts = torch.cat([spatial_shapes.reshape(-1), level_start_index.reshape(-1)]).tolist()  # one host sync
+    dev = value.device
+    hw_starts = torch.cat([spatial_shapes.reshape(-1).to(dev), level_start_index.reshape(-1).to(dev)]).tolist()  # 1 sync
     hw, starts = hw_starts[: 2 * L], hw_starts[2 * L:]
     expect, total = [], 0
     for l in range(L):
@@ -229,7 +230,6 @@ def _prepare(value, spatial_shapes, level_start_index, sampling_locations, atten
     if total != S or starts != expect or min(hw, default=1) < 1:
         raise ValueError(f"spatial_shapes {hw} / level_start_index {starts} do not describe value's S={S} rows")
     dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
-    dev = value.device
     return (value.to(dtype).contiguous(), spatial_shapes.to(dev, torch.int64).contiguous(),
             level_start_index.to(dev, torch.int64).contiguous(), sampling_locations.to(dev, dtype).contiguous(),
             attention_weights.to(dev, dtype).contiguous())
