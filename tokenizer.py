@@ -65,6 +65,17 @@ def _int32(v):  # int32 fields are sign-extended to 64 bits on the wire (pad_id 
     return v - (1 << 64) if v >= 1 << 63 else v
 
 
+def _piece(msg):
+    """SentencePiece {1: piece, 2: score, 3: type} -> (str, float, int)."""
+    n = msg[1]
+    if msg[0] == 0x0A and n < 0x80 and msg[n + 2:n + 3] == b"\x15":  # fast path for the usual layout (~3x faster)
+        t = msg[n + 8] if len(msg) == n + 9 and msg[n + 7] == 0x18 else NORMAL if len(msg) == n + 7 else None
+        if t is not None:
+            return msg[2:n + 2].decode("utf-8"), struct.unpack_from("<f", msg, n + 3)[0], t
+    p = dict(_fields(msg))
+    return p[1].decode("utf-8"), struct.unpack("<f", p[2])[0] if 2 in p else 0.0, p.get(3, NORMAL)
+
+
 def read_sentencepiece_model(path):
     """Returns (pieces [(piece, score, type)], trainer {name: value}, normalizer {name: value}) with proto defaults."""
     path = Path(path)
@@ -82,10 +93,8 @@ def read_sentencepiece_model(path):
     pieces, specs = [], set()
     try:
         for field, value in _fields(buf):
-            if field == 1:  # repeated SentencePiece {1: piece, 2: score, 3: type}
-                p = dict(_fields(value))
-                score = struct.unpack("<f", p[2])[0] if 2 in p else 0.0
-                pieces.append((p[1].decode("utf-8"), score, p.get(3, NORMAL)))
+            if field == 1:  # repeated SentencePiece
+                pieces.append(_piece(value))
             elif field in (2, 3):  # TrainerSpec, NormalizerSpec; everything else is skipped
                 specs.add(field)
                 spec, names = (trainer, t_fields) if field == 2 else (normalizer, n_fields)
@@ -180,14 +189,14 @@ class Tokenizer:
         These facts are checked here; a model that breaks them falls back to the python engine.
         """
         normal = [(i, p) for i, p in enumerate(self.pieces) if self.types[i] == NORMAL]
-        ws = {len(p): i for i, p in normal if set(p) == {SPACE}}  # whitespace-only pieces by length
-        merged = sorted(((i, p) for i, p in normal if len(p) > 1 and set(p) != {SPACE}),
+        ws = {len(p): i for i, p in normal if not p.strip(SPACE)}  # whitespace-only pieces by length
+        merged = sorted(((i, p) for i, p in normal if len(p) > 1 and p.strip(SPACE)),
                         key=lambda ip: -self.scores[ip[0]])
         ws_scores = {self.scores[i] for n, i in ws.items() if n > 1}
         m_scores = [self.scores[i] for i, _ in merged]
         if not (sorted(ws) == list(range(1, len(ws) + 1)) and len(ws_scores) <= 1
                 and (not ws_scores or max(ws_scores) < min(m_scores)) and len(set(m_scores)) == len(m_scores)
-                and not any(SPACE in p[1:] for _, p in merged)):
+                and SPACE not in "".join(p[1:] for _, p in merged)):
             self.engine = "python"
             return
         ranks = {bytes([b]): b for b in range(256)}
