@@ -1,6 +1,7 @@
 """Tokenizer proof: ids identical to the `sentencepiece` package (test-only reference) and decode round-trips."""
 
 import json
+import pickle
 import random
 import struct
 from pathlib import Path
@@ -119,6 +120,8 @@ def test_add_special_tokens():
     assert t.decode([1, *t.encode("hi", bos=False), 32000, 32001, 2]) == "hi"
     t.pad_id = 31999
     assert t.decode(t.encode("x") + [31999, 31999]) == "x"
+    t2 = pickle.loads(pickle.dumps(t))  # data-loader workers get a copy
+    assert (t2.pad_id, t2.vocab_size, t2.encode(" a  b 1")) == (31999, 32002, t.encode(" a  b 1"))
 
 
 # A tiny protobuf writer (test-only) to derive model files that sentencepiece itself loads as the reference.
@@ -203,6 +206,8 @@ def test_byte_tokenizer():
         assert t.decode(t.encode(text, eos=True)) == text
     assert t.decode([256, 72, 259, 105, 258, 257]) == "Hi"
     assert t.decode([0xE4, 0xB8]) == "\ufffd\ufffd"
+    t2 = pickle.loads(pickle.dumps(t))
+    assert t2.vocab_size == 261 and t2.encode("<image>é", bos=False) == list("<image>é".encode())
     with pytest.raises(ValueError, match="out of range"):
         t.decode([261])
 
