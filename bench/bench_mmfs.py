@@ -7,6 +7,7 @@ per-(image, level) loop.
 
 Every (case, implementation, mode) runs in its own subprocess, so that its peak memory is its own: on the CPU, the
 growth of the peak resident set (ru_maxrss) over what the inputs already took; on a GPU, torch.cuda's peak allocation.
+On a shared machine, process-CPU time (1 thread) is the steadier figure; wall time counts waiting for a core.
 Cases (batch 1, 16 heads x 64 channels, 8 points, fp32):
     llm   Q=2048 tokens, 4 images x levels 32/16/8 (official LLM use: 12 "levels" in the op)
     unet  Q=64*64 pixels of the first skip, 1 image x levels 64/32/16/8 (official U-Net use)
@@ -86,19 +87,20 @@ def worker(case, impl, mode, device, repeats):
         torch.cuda.reset_peak_memory_stats()
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     run()                                                                        # first call: also the memory probe
-    first = time.perf_counter() - t0
+    first = time.perf_counter() - t0, time.process_time() - c0
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     times = [first] if not cuda else []                                          # no compile/warm-up noise on CPU
     for _ in range(repeats - len(times)):
         for t in args:
             if isinstance(t, torch.Tensor) and t.grad is not None:
                 t.grad = None
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         run()
-        times.append(time.perf_counter() - t0)
-    return dict(case=case, impl=impl, mode=mode, ms=1e3 * statistics.median(times), peak_mb=(peak - base) / 2**20)
+        times.append((time.perf_counter() - t0, time.process_time() - c0))
+    return dict(case=case, impl=impl, mode=mode, ms=1e3 * statistics.median(t for t, _ in times),
+                cpu_ms=1e3 * statistics.median(c for _, c in times), peak_mb=(peak - base) / 2**20)
 
 
 def check_agreement(device):
@@ -125,15 +127,16 @@ def main():
         return
     check_agreement(a.device)
     impls = ["grouped", "naive"] + (["dispatch"] if a.device == "cuda" else [])
-    print(f"device={a.device} threads={a.threads} repeats={a.repeats} (median ms; peak MB above the inputs)")
-    print(f"{'case':6} {'impl':9} {'mode':8} {'ms':>9} {'peak MB':>9}")
+    print(f"device={a.device} threads={a.threads} repeats={a.repeats} (medians of wall and process-CPU ms; "
+          f"peak MB above the inputs)")
+    print(f"{'case':6} {'impl':9} {'mode':8} {'wall ms':>9} {'cpu ms':>9} {'peak MB':>9}")
     for case in (CASES if a.case == "all" else [a.case]):
         for impl in impls:
             for mode in ("fwd", "fwd+bwd"):
                 cmd = [sys.executable, __file__, "--worker", case, impl, mode, "--device", a.device,
                        "--threads", str(a.threads), "--repeats", str(a.repeats)]
                 r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-                print(f"{case:6} {impl:9} {mode:8} {r['ms']:9.1f} {r['peak_mb']:9.1f}", flush=True)
+                print(f"{case:6} {impl:9} {mode:8} {r['ms']:9.0f} {r['cpu_ms']:9.0f} {r['peak_mb']:9.0f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -395,7 +395,7 @@ def test_reference_mixed_precision_samples_at_full_precision_locations():
                                rtol=1e-2, atol=1e-2)
 
 
-def test_bf16_module_runs_and_keeps_locations_in_fp32():
+def test_bf16_module_runs_and_stays_close_to_fp64():
     m = tiny_mmfs().to(torch.bfloat16)
     q, ref, v = inputs()
     out = m(q.bfloat16(), ref, v.bfloat16(), SHAPES)
