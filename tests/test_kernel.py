@@ -3,6 +3,10 @@ emulates CUDA threads) against an explicit loop of the formula and the grid_samp
 check (registers, no spills) and the KernelUnavailable contract on machines without a GPU."""
 
 import contextlib
+import ctypes
+import glob
+import importlib.util
+import os
 import re
 import shutil
 import subprocess
@@ -270,6 +274,47 @@ def test_nvcc_compiles_without_register_spills(arch, route, tmp_path):
     assert len(spills) == 4 and not any(spills), f"register spills on {arch}:\n{report}"
     if route == "nvcc":
         kernels._load_library(out)  # loads without a GPU; a missing symbol raises AttributeError
+
+
+def find_nvrtc():
+    """libnvrtc from MMI_NVRTC_DIR, the CUDA toolkit, or an nvidia-cuda-nvrtc wheel; None if there is none."""
+    dirs = [os.environ.get("MMI_NVRTC_DIR", ""), "/usr/local/cuda/lib64"]
+    nvidia = importlib.util.find_spec("nvidia")
+    for root in (nvidia.submodule_search_locations if nvidia else []):
+        dirs += glob.glob(os.path.join(root, "*", "lib"))
+    for d in filter(None, dirs):
+        libs = sorted(glob.glob(os.path.join(d, "libnvrtc.so*")))
+        if libs:
+            for builtins in glob.glob(os.path.join(d, "libnvrtc-builtins.so*")):  # dlopen()ed by soname at compile
+                ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)
+            return ctypes.CDLL(libs[0])
+    return None
+
+
+def test_nvrtc_compiles_the_source():
+    # The run-time route's compiler, without a GPU: the pasted source, the flags torch adds, names left unmangled.
+    nvrtc = find_nvrtc()
+    if nvrtc is None:
+        pytest.skip("no libnvrtc here (set MMI_NVRTC_DIR, or pip install nvidia-cuda-nvrtc)")
+    prog = ctypes.c_void_p()
+    assert nvrtc.nvrtcCreateProgram(ctypes.byref(prog), kernels.kernel_source().encode(), b"deform_attn.cu",
+                                    0, None, None) == 0
+    names = [f"deform_attn_{d}_{s}" for d in ("forward", "backward") for s in ("f32", "f64")]
+    for name in names:
+        nvrtc.nvrtcAddNameExpression(prog, name.encode())
+    opts = [b"--gpu-architecture=sm_80", b"-D__CUDA_NO_HALF_OPERATORS__", b"-D__CUDA_NO_HALF_CONVERSIONS__",
+            b"-D__CUDA_NO_BFLOAT16_CONVERSIONS__", b"-D__CUDA_NO_HALF2_OPERATORS__"]
+    result = nvrtc.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+    size = ctypes.c_size_t()
+    nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    nvrtc.nvrtcGetProgramLog(prog, log)
+    assert result == 0, log.value.decode()
+    for name in names:
+        lowered = ctypes.c_char_p()
+        assert nvrtc.nvrtcGetLoweredName(prog, name.encode(), ctypes.byref(lowered)) == 0
+        assert lowered.value.decode() == name
+    nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
 
 
 def test_gpu_build_failures_become_kernel_unavailable(monkeypatch):
