@@ -182,6 +182,9 @@ def test_normalizer_flags_match_sentencepiece(flags, engine, tmp_path):
 def test_bad_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.model"):
         T.Tokenizer(tmp_path / "nope.model")
+    with pytest.raises(FileNotFoundError, match="tokenizer.model"):
+        T.Tokenizer(tmp_path)  # a folder without tokenizer.model
+    assert T.Tokenizer(FIXTURES).encode("hi") == T.Tokenizer(MODEL).encode("hi")
     data = MODEL.read_bytes()
     for name, content in [("empty.model", b""), ("truncated.model", data[:100_000]), ("junk.model", b"\xff" * 64),
                           ("head.model", data[:1003])]:
