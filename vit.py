@@ -311,7 +311,9 @@ class Injector(nn.Module):
         self.gamma = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x, ref, c, c_shapes):
-        return x + self.gamma * self.attn(self.query_norm(x), ref, self.feat_norm(c)[:, None], c_shapes)
+        # the adapter may run in another dtype than a frozen half-precision ViT: compute in c's, add in x's
+        delta = self.gamma * self.attn(self.query_norm(x.to(c.dtype)), ref, self.feat_norm(c)[:, None], c_shapes)
+        return x + delta.to(x.dtype)
 
 
 class ConvFFN(nn.Module):
@@ -341,7 +343,7 @@ class Extractor(nn.Module):
         self.ffn = ConvFFN(dim, int(dim * cffn_ratio))
 
     def forward(self, c, ref, x, x_shape, c_shapes):
-        c = c + self.attn(self.query_norm(c), ref, self.feat_norm(x)[:, None], [x_shape])
+        c = c + self.attn(self.query_norm(c), ref, self.feat_norm(x.to(c.dtype))[:, None], [x_shape])
         return c + self.ffn(self.ffn_norm(c), c_shapes)
 
 

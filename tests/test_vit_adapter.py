@@ -59,6 +59,17 @@ def test_tokens_equal_plain_vit_at_init():
     assert torch.equal(tokens, plain)
 
 
+def test_half_precision_vit():
+    # a frozen bf16 ViT under an fp32 adapter (no autocast): tokens stay bf16, maps fp32, still the plain ViT at init
+    model = tiny_vit().to(torch.bfloat16)
+    adapter = tiny_adapter(model)  # its own parameters are fp32
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        tokens, maps = adapter(x)
+        assert tokens.dtype == torch.bfloat16 and all(m.dtype == torch.float32 for m in maps)
+        assert torch.equal(tokens, model(vit.normalize(x)))
+
+
 def test_gradients_reach_adapter():
     model = tiny_vit(layers=2)
     model.requires_grad_(False)  # frozen, as in the paper
