@@ -323,15 +323,18 @@ class UNet(nn.Module):
         """A diffusers unet/ folder, a pipeline root, or an original single-file checkpoint (then the architecture
         is inferred from tensor shapes with SD 2's head dimension 64, unless `config` is given)."""
         path = Path(path)
-        if path.is_file():
-            ckpt = open_checkpoint([path])
-            lpb = _original_layers_per_block(ckpt, "model.diffusion_model.")
-            tensors = _renamed(ckpt, "model.diffusion_model.", lambda k: _unet_key(k, lpb), path)
-            cfg = config or _infer_unet_config(tensors)
-        else:
+        if path.is_dir():
             path = _component(path, "unet")
             cfg = config or UNetConfig.from_dict(read_json(path / "config.json"), path / "config.json")
             tensors = open_checkpoint(weight_files(path, "diffusion_pytorch_model"))
+        else:
+            ckpt = open_checkpoint([path])
+            if "conv_in.weight" in ckpt:  # diffusers names in one file, e.g. unet/diffusion_pytorch_model.fp16.safetensors
+                tensors = _renamed(ckpt, "", lambda k: k, path)
+            else:
+                lpb = _original_layers_per_block(ckpt, "model.diffusion_model.")
+                tensors = _renamed(ckpt, "model.diffusion_model.", lambda k: _unet_key(k, lpb), path)
+            cfg = config or _sibling_config(path, ckpt, "conv_in.weight", UNetConfig) or _infer_unet_config(tensors)
         with torch.device("meta"):
             model = cls(cfg)
         return load_strict(model, tensors, str(path), dtype).eval()
@@ -461,16 +464,19 @@ class AutoencoderKL(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype=None, config: VAEConfig | None = None):
         path = Path(path)
-        if path.is_file():
-            ckpt = open_checkpoint([path])
-            n_up = len({k.split(".")[3] for k in ckpt if k.startswith("first_stage_model.decoder.up.")})
-            tensors = _renamed(ckpt, "first_stage_model.", lambda k: _vae_key(k, n_up), path)
-            cfg = config or _infer_vae_config(tensors)
-        else:
+        if path.is_dir():
             path = _component(path, "vae")
             cfg = config or VAEConfig.from_dict(read_json(path / "config.json"), path / "config.json")
             ckpt = open_checkpoint(weight_files(path, "diffusion_pytorch_model"))
             tensors = _renamed(ckpt, "", lambda k: _vae_key(k, 0), path)  # old attention names -> new
+        else:
+            ckpt = open_checkpoint([path])
+            if "encoder.conv_in.weight" in ckpt:  # diffusers names in one file
+                tensors = _renamed(ckpt, "", lambda k: _vae_key(k, 0), path)
+            else:
+                n_up = len({k.split(".")[3] for k in ckpt if k.startswith("first_stage_model.decoder.up.")})
+                tensors = _renamed(ckpt, "first_stage_model.", lambda k: _vae_key(k, n_up), path)
+            cfg = config or _sibling_config(path, ckpt, "encoder.conv_in.weight", VAEConfig) or _infer_vae_config(tensors)
         with torch.device("meta"):
             model = cls(cfg)
         return load_strict(model, tensors, str(path), dtype).eval()
@@ -483,6 +489,12 @@ class AutoencoderKL(nn.Module):
 def _component(path: Path, sub: str, config="config.json") -> Path:
     """A pipeline root holds the component in a subfolder; a component folder is used as is."""
     return path / sub if (path / sub / config).is_file() else path
+
+
+def _sibling_config(path, ckpt, probe, cfg_cls):
+    """The config.json beside a single weight file that uses diffusers names, if there is one."""
+    file = path.parent / "config.json"
+    return cfg_cls.from_dict(read_json(file), file) if probe in ckpt and file.is_file() else None
 
 
 class _Renamed(dict):

@@ -118,10 +118,11 @@ def inputs(b=2, seed=0):
     return (torch.randn(b, 4, 16, 16, generator=g), torch.tensor([10, 700][:b]), torch.randn(b, 7, 24, generator=g))
 
 
-@pytest.mark.parametrize("layout", ["pipeline", "component", "single"])
+@pytest.mark.parametrize("layout", ["pipeline", "component", "file", "single"])
 def test_unet_parity(unets, layout):
     ref, _, root = unets
-    path = {"pipeline": root / "pipe", "component": root / "pipe" / "unet", "single": root / "sd-tiny.safetensors"}[layout]
+    path = {"pipeline": root / "pipe", "component": root / "pipe" / "unet", "single": root / "sd-tiny.safetensors",
+            "file": root / "pipe" / "unet" / "diffusion_pytorch_model.safetensors"}[layout]  # file: config beside it
     cfg = unet.UNetConfig.from_dict(dict(ref.config)) if layout == "single" else None  # groups=8 is not in the weights
     ours = unet.UNet.from_pretrained(path, config=cfg)
     x, t, c = inputs()
@@ -131,10 +132,11 @@ def test_unet_parity(unets, layout):
     assert (got - want).abs().max() < 1e-5 * max(1.0, want.abs().max().item())
 
 
-@pytest.mark.parametrize("layout", ["pipeline", "component", "single", "old_attention_names"])
+@pytest.mark.parametrize("layout", ["pipeline", "component", "file", "single", "old_attention_names"])
 def test_vae_parity(unets, layout, tmp_path):
     _, ref, root = unets
-    path = {"pipeline": root / "pipe", "component": root / "pipe" / "vae", "single": root / "sd-tiny.safetensors"}.get(layout)
+    path = {"pipeline": root / "pipe", "component": root / "pipe" / "vae", "single": root / "sd-tiny.safetensors",
+            "file": root / "pipe" / "vae" / "diffusion_pytorch_model.safetensors"}.get(layout)
     if layout == "old_attention_names":
         sd = {}
         for k, v in ref.state_dict().items():
