@@ -270,7 +270,9 @@ class MMI(nn.Module):
         super().__init__()
         self.cfg = cfg
         # (1) image tokenizer: ViT + adapter -> tokens and 4 maps; Linear -> LN + 2D sin-cos -> LN -> resampler
-        vit = vit or VisionTransformer(CLIPVisionConfig(**cfg.vision))
+        if vit is None:  # from scratch (tiny world): CLIP's init of the class token (vit.py leaves it empty)
+            vit = VisionTransformer(CLIPVisionConfig(**cfg.vision))
+            nn.init.normal_(vit.embeddings.class_embedding, std=vit.cfg.hidden_size ** -0.5)
         self.adapter = ViTAdapter(vit, **cfg.adapter)
         Dv, self.grid = vit.cfg.hidden_size, vit.cfg.image_size // vit.cfg.patch_size
         self.llm = llm or LLaMA(LLaMAConfig(**cfg.llm))

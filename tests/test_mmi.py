@@ -1,0 +1,270 @@
+"""mmi.py: the assembled MM-Interleaved model. Micro configs of the same classes; CPU; seconds each.
+
+Proofs: zero gates / zero convs leave LLaMA and U-Net unchanged; image visibility in packed sequences; KV-cache
+generation = recompute; an interleaved two-image prompt runs end to end; one batch overfits (both losses); save/load
+round trip; the official preset builds on the meta device (parameter counts)."""
+import random
+
+import pytest
+import torch
+
+import mmi
+from llm import LLaMA, LLaMAConfig
+from mmi import MMI, MMIConfig
+
+MICRO = {
+    "vision": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=4,
+                   image_size=16, layer_norm_eps=1e-5, num_channels=3, hidden_act="quick_gelu"),
+    "adapter": dict(n_blocks=1, n_heads=2, n_points=2, n_extra_extractors=0, spm_channels=8),
+    "llm": dict(vocab_size=259, dim=64, n_layers=2, n_heads=2, hidden_dim=128, norm_eps=1e-5, max_seq_len=256),
+    "unet": dict(in_channels=3, out_channels=3, block_out_channels=[16, 32], layers_per_block=1,
+                 down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                 up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], attention_head_dim=[2, 2],
+                 cross_attention_dim=32, norm_num_groups=8, sample_size=16),
+    "n_image_tokens": 4, "res_dim": 32, "res_layers": 2, "res_heads": 2, "mmfs_every": 1, "mmfs_heads": 2,
+    "mmfs_head_dim": 16, "mmfs_points": 2, "max_images": 4, "dec_queries": 4, "dec_dim": 32, "dec_heads": 2,
+    "dec_mmfs_heads": 2, "dec_mmfs_head_dim": 16, "dec_mmfs_points": 2, "image_size": 16,
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():  # the test machine is shared: several intra-op threads per process slow tiny models 10x
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def micro(seed=0, live=False, **overrides):
+    """A micro model; live=True opens the gates and zero convs so MMFS paths actually matter."""
+    torch.manual_seed(seed)
+    model = MMI(MMIConfig.from_name("tiny", **{**MICRO, **overrides})).eval()
+    if live:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(".gate") or name.startswith("dec_zero."):
+                    p.normal_(0, 0.5)
+    return model
+
+
+def images(n, seed=0, size=16):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def pack(model, tok, docs):
+    """Documents -> one packed row (concatenated, as data.py packs them) + the images in order."""
+    ids, imgs = [], []
+    for d in docs:
+        i, m = model.encode_document(d, tok)
+        ids += i
+        imgs += m
+    return dict(tokens=torch.tensor([ids]), images=torch.stack(imgs))
+
+
+def test_config_presets_and_overrides():
+    cfg = MMIConfig.from_name("tiny", n_image_tokens=8, **{"llm.n_layers": 6})
+    assert cfg.n_image_tokens == 8 and cfg.llm["n_layers"] == 6 and cfg.boi_id == 259 and cfg.image_id == 260
+    off = MMIConfig.from_name("official")
+    assert (off.boi_id, off.image_id, off.pad_id, off.n_image_tokens, off.image_loss_weight) == (32000, 32001, 31999,
+                                                                                                 64, 10.0)
+    with pytest.raises(KeyError):
+        MMIConfig.from_name("tiny", not_a_field=1)
+
+
+def test_layout_visibility_rules():
+    model = micro()
+    tok = model.tokenizer()
+    B, I, n = model.cfg.boi_id, model.cfg.image_id, model.cfg.n_image_tokens
+    s, e = tok.bos_id, tok.eos_id
+    # doc 1: <s> BoI img a BoI img b </s>; doc 2: <s> x BoI img </s>  (one packed row)
+    row = [s, B] + [I] * n + [97, B] + [I] * n + [e, s, 120, B] + [I] * n + [e]
+    lay = model.layout(torch.tensor([row]))
+    pos = lay["pos"].tolist()
+    assert pos == [1, 3 + n, 7 + 2 * n] and lay["prev"].tolist() == [-1, 0, -1]
+    assert lay["has_context"].tolist() == [False, True, True]  # the first image has only "<s> BoI" as context
+    vis = lay["visible"][0]  # (T, 3)
+    for t in range(len(row)):
+        doc1 = t < 5 + 2 * n
+        assert vis[t, 0] == (doc1 and t > pos[0])   # BoI does not see its own image; its <|image|> tokens do
+        assert vis[t, 1] == (doc1 and t > pos[1])
+        assert vis[t, 2] == (not doc1 and t > pos[2])  # nothing from the other document
+    tgt = model.text_targets(torch.tensor([row]))[0]
+    assert tgt[0] == -100 and (tgt[1:1 + n] == -100).all()  # BoI right after <s>, <|image|> targets: ignored
+    assert tgt[1 + n] == 97 and tgt[2 + n] == B and tgt[3 + 2 * n] == e and tgt[5 + 2 * n] == 120
+    assert tgt[4 + 2 * n] == -100  # <s> ignored
+
+
+def test_zero_gates_leave_llama_and_unet_unchanged():
+    model = micro()
+    tok = model.tokenizer()
+    batch = pack(model, tok, [["a red circle", images(1)[0], "moves"], [images(1, 1)[0], "x"]])
+    emb, maps = model.encode_images(batch["images"])
+    values, shapes = model.flatten_maps(maps[1:])
+    lay = model.layout(batch["tokens"])
+    x = model.embed(batch["tokens"], emb)
+    ctx = model.visual_context(lay, values, shapes, 1)
+    plain = LLaMA(LLaMAConfig(**model.cfg.llm)).eval()
+    plain.load_state_dict({k: v for k, v in model.llm.state_dict().items() if ".inserted." not in k})
+    with torch.no_grad():
+        assert torch.equal(model.llm(embeds=x, ctx=ctx), plain(embeds=x))
+        xt, t, cond = torch.randn(2, 3, 16, 16), torch.tensor([10, 900]), torch.randn(2, 4, 32)
+        dv, dshapes = model.flatten_maps(maps)
+        vals, vis = model.decoder_values(dv, dshapes, torch.tensor([0, -1]))
+        assert torch.equal(model.denoise(xt, t, cond, vals, vis), model.unet(xt, t, cond))
+
+
+def test_visibility_in_packed_sequences():
+    model = micro(live=True)
+    tok = model.tokenizer()
+    n = model.cfg.n_image_tokens
+    batch = pack(model, tok, [["one", images(1, 1)[0], "two", images(1, 2)[0], "three"],
+                              ["four", images(1, 3)[0], "five"]])
+    toks = batch["tokens"]
+    lay = model.layout(toks)
+    p0, p1, p2 = lay["pos"].tolist()
+
+    def hidden(imgs=None, maps_fn=None):
+        emb, maps = model.encode_images(batch["images"] if imgs is None else imgs)
+        values, shapes = model.flatten_maps(maps[1:])
+        if maps_fn is not None:
+            values = maps_fn(values)
+        ctx = model.visual_context(lay, values, shapes, 1)
+        with torch.no_grad():
+            return model.llm.forward_hidden(embeds=model.embed(toks, emb), ctx=ctx)[0]
+
+    base = hidden()
+    # a later image (pixels, so embeddings and maps) changes nothing before its first <|image|> token
+    changed = batch["images"].clone()
+    changed[1] = torch.rand(3, 16, 16)
+    h = hidden(changed)
+    assert torch.equal(h[:p1 + 1], base[:p1 + 1]) and not torch.allclose(h[p1 + 1:], base[p1 + 1:])
+    # BoI's output does not depend on its own image
+    changed = batch["images"].clone()
+    changed[2] = torch.rand(3, 16, 16)
+    assert torch.equal(hidden(changed)[p2], base[p2])
+
+    # MMFS of document 1's image 0 is read by document 1's later tokens only, never by document 2. (Self-attention
+    # is causal without a document mask, as official, so later layers may mix documents: watch the first MMFS.)
+    seen = []
+    hook = model.llm.layers[0].inserted.register_forward_hook(lambda m, inp, out: seen.append(out - inp[0]))
+
+    def bump(v):
+        v = v.clone()
+        v[0] += 1.0
+        return v
+    hidden(), hidden(maps_fn=bump)
+    hook.remove()
+    base, h = seen[0][0], seen[-1][0]  # (T, D) what layer 0's MMFS adds, without and with the change
+    doc2 = int((toks[0] == tok.bos_id).nonzero()[1])  # where document 2 starts
+    assert torch.equal(h[:p0 + 1], base[:p0 + 1]) and torch.equal(h[doc2:], base[doc2:])
+    assert not torch.allclose(h[p0 + 1:doc2], base[p0 + 1:doc2])
+
+
+def test_generation_cache_equals_recompute_and_interleaves():
+    model = micro(live=True)
+    tok = model.tokenizer()
+    prompt = [images(1, 5)[0], "a blue square", images(1, 6)[0], "then"]
+    runs = []
+    for use_cache in (True, False):
+        g = torch.Generator().manual_seed(0)
+        runs.append(model.generate(prompt, tok, max_new_tokens=6, begin_image=True, temperature=0, steps=3,
+                                   guidance=2.0, generator=g, use_cache=use_cache))
+    a, b = runs
+    assert isinstance(a[0], torch.Tensor) and a[0].shape == (3, 16, 16) and isinstance(a[-1], str) and a[-1]
+    assert [type(x) for x in a] == [type(x) for x in b]
+    for x, y in zip(a, b):
+        if isinstance(x, str):
+            assert x == y
+        else:
+            torch.testing.assert_close(x, y, atol=1e-4, rtol=0)
+    text_only = model.generate(["hello"], tok, max_new_tokens=5, max_images=0, temperature=0)
+    assert all(isinstance(x, str) for x in text_only)
+
+
+def test_overfit_one_batch_both_losses():
+    """30 AdamW steps on one caption-then-image document (~20 s on a busy 2-core CPU)."""
+    import data
+    model = micro(seed=1)
+    tok = model.tokenizer()
+    ids, imgs = model.encode_document(data.synthetic_document(random.Random(0), "t2i", size=16), tok)
+    batch = dict(tokens=torch.tensor([ids]), images=torch.stack(imgs))
+
+    def evaluate():  # eval mode and fixed noise / timesteps: a deterministic image loss
+        model.eval()
+        torch.manual_seed(123)
+        with torch.no_grad():
+            out = model(batch)
+        model.train()
+        return float(out["text_loss"]), float(out["image_loss"])
+
+    text0, image0 = evaluate()
+    opt = torch.optim.AdamW(model.param_groups(0.0, lr=3e-3, lr_unet=3e-3, lr_offsets=3e-4))
+    for step in range(30):
+        loss = model(batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    text1, image1 = evaluate()
+    assert text1 < 0.4 * text0 and image1 < 0.5 * image0, (text0, text1, image0, image1)
+
+
+def test_save_load_round_trip(tmp_path):
+    model = micro(live=True)
+    tok = model.tokenizer()
+    batch = pack(model, tok, [["hello", images(1)[0], "world", images(1, 1)[0]]])
+    model.save(tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
+    loaded = MMI.load(tmp_path / "ckpt").eval()
+    outs = []
+    for m in (model, loaded):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            outs.append(m(batch))
+    for k in ("loss", "text_loss", "image_loss"):
+        assert torch.equal(outs[0][k], outs[1][k])
+
+
+def test_param_groups_and_freezing():
+    model = micro()
+    groups = model.param_groups(0.05, lr=1e-4, lr_unet=1e-5, lr_offsets=1e-5)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        g = by_param[id(p)]
+        if "sampling_offsets" in name:
+            assert g["lr"] == 1e-5 and g["weight_decay"] == 0.0
+        elif name.startswith("unet."):
+            assert g["lr"] == 1e-5
+        else:
+            assert g["lr"] == 1e-4
+        if p.ndim < 2 or name.endswith(".gate"):
+            assert g["weight_decay"] == 0.0
+    frozen = micro(freeze_vit=True, freeze_llm=True)
+    trainable = {n for n, p in frozen.named_parameters() if p.requires_grad}
+    assert not any(n.startswith("adapter.vit.") for n in trainable)
+    assert all(".inserted." in n for n in trainable if n.startswith("llm."))
+    assert "boi" in trainable and "new_head.bias" in trainable and "unet.conv_in.weight" in trainable
+
+
+def test_grad_checkpointing_same_gradients():
+    grads = []
+    for on in (False, True):
+        model = micro(seed=2, live=True)
+        model.set_grad_checkpointing(on)
+        tok = model.tokenizer()
+        batch = pack(model, tok, [["hi", images(1)[0], "there", images(1, 1)[0]]])
+        torch.manual_seed(0)
+        model(batch)["loss"].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+def test_official_preset_on_meta_device():
+    with torch.device("meta"):
+        model = MMI(MMIConfig.from_name("official"))
+    assert all(p.is_meta for p in model.parameters())
+    counts = model.param_counts()
+    assert 300e6 < counts["vit"][0] < 310e6 and counts["vit"][1] == 0       # CLIP ViT-L/14 ~303 M, frozen
+    assert 12.8e9 < counts["llm"][0] < 13.1e9 and counts["llm"][1] == 0     # Vicuna-13B, frozen
+    assert 860e6 < counts["unet"][0] < 870e6 and counts["unet"][1] == counts["unet"][0]  # SD 2.1 U-Net, trained
+    assert 80e6 < counts["vae"][0] < 90e6 and counts["vae"][1] == 0
+    assert all(t == total for k, (total, t) in counts.items() if k not in ("vit", "llm", "vae"))
