@@ -12,6 +12,7 @@ may add a residual to every skip tensor and to the mid-block output (ControlNet 
     x = sched.sample(lambda x, t: unet(x, t, context), torch.randn(1, 4, 64, 64), steps=50)
     image = vae.decode(x / vae.scaling_factor)                        # [-1, 1]
 """
+import inspect
 import math
 import re
 from dataclasses import dataclass, fields
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from weights import CheckpointError, load_strict, open_checkpoint, read_json, weight_files
@@ -203,7 +205,7 @@ class UNetConfig:
     @classmethod
     def from_dict(cls, d: dict, source="config"):
         for k, ok in _UNET_FIXED.items():
-            if k in d and d[k] != ok and not (k == "mid_block_scale_factor" and d[k] == 1.0):
+            if k in d and d[k] != ok:
                 raise CheckpointError(f"{source}: unsupported U-Net option {k}={d[k]!r} (only {ok!r})")
         names = {f.name for f in fields(cls)}
         kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
@@ -275,6 +277,12 @@ class UNet(nn.Module):
             self.up_blocks.append(Block(resnets, attns, upsample=Upsample2D(cout) if i < n - 1 else None))
         self.conv_norm_out = nn.GroupNorm(G, chs[0], eps=eps)
         self.conv_out = nn.Conv2d(chs[0], cfg.out_channels, 3, padding=1)
+        self.gradient_checkpointing = False  # recompute resnets/transformers in backward (full-size training)
+
+    def _run(self, module, *args):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False)
+        return module(*args)
 
     def down(self, x, t, context):
         """x (B, Cin, H, W), t (B,) or scalar -> (skips: list of (B, C_i, H_i, W_i), mid (B, C, h, w), emb (B, 4*C0))."""
@@ -285,16 +293,16 @@ class UNet(nn.Module):
         skips = [x]
         for block in self.down_blocks:
             for j, resnet in enumerate(block.resnets):
-                x = resnet(x, emb)
+                x = self._run(resnet, x, emb)
                 if len(block.attentions):
-                    x = block.attentions[j](x, context)
+                    x = self._run(block.attentions[j], x, context)
                 skips.append(x)
             if hasattr(block, "downsamplers"):
                 x = block.downsamplers[0](x)
                 skips.append(x)
-        x = self.mid_block.resnets[0](x, emb)
-        x = self.mid_block.attentions[0](x, context)
-        x = self.mid_block.resnets[1](x, emb)
+        x = self._run(self.mid_block.resnets[0], x, emb)
+        x = self._run(self.mid_block.attentions[0], x, context)
+        x = self._run(self.mid_block.resnets[1], x, emb)
         return skips, x, emb
 
     def up(self, skips, mid, emb, context):
@@ -302,9 +310,9 @@ class UNet(nn.Module):
         skips, x = list(skips), mid
         for block in self.up_blocks:
             for j, resnet in enumerate(block.resnets):
-                x = resnet(torch.cat([x, skips.pop()], dim=1), emb)
+                x = self._run(resnet, torch.cat([x, skips.pop()], dim=1), emb)
                 if len(block.attentions):
-                    x = block.attentions[j](x, context)
+                    x = self._run(block.attentions[j], x, context)
             if hasattr(block, "upsamplers"):
                 x = block.upsamplers[0](x, size=skips[-1].shape[-2:])
         return self.conv_out(F.silu(self.conv_norm_out(x)))
@@ -653,7 +661,7 @@ class NoiseSchedule:
         for k, ok in dict(thresholding=False, variance_type="fixed_small", rescale_betas_zero_snr=False).items():
             if d.get(k, ok) != ok:
                 raise CheckpointError(f"{path}: unsupported scheduler option {k}={d[k]!r}")
-        names = cls.__init__.__code__.co_varnames[1:cls.__init__.__code__.co_argcount]
+        names = inspect.signature(cls).parameters
         return cls(**{k: v for k, v in d.items() if k in names})
 
     # --- training -----------------------------------------------------------------------------------------------

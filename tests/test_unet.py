@@ -9,7 +9,7 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderKL as DAutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel  # noqa: E402
 
 import unet  # noqa: E402
-from weights import CheckpointError  # noqa: E402
+from weights import CheckpointError, load_strict  # noqa: E402
 
 LPB = 2
 SD2_TINY = dict(  # SD 2.x layout at toy size: linear projections, a different head count per level, cross-attn dim
@@ -157,6 +157,50 @@ def test_vae_parity(unets, layout, tmp_path):
         want, got = ref.decode(z).sample, ours.decode(z)
     for a, b in ((mean, dist.mean), (logvar, dist.logvar), (got, want)):
         assert (a - b).abs().max() < 1e-5 * max(1.0, b.abs().max().item())
+
+
+def test_conv_projection_sd1_style():
+    """SD 1.x layout: 1x1-conv proj_in/proj_out and one head count for every level."""
+    cfg = dict(SD2_TINY, use_linear_projection=False, attention_head_dim=2)
+    ref = randomize(UNet2DConditionModel(**cfg), 5)
+    with torch.device("meta"):
+        ours = unet.UNet(unet.UNetConfig.from_dict(dict(ref.config)))
+    load_strict(ours, ref.state_dict(), "ref")
+    x, t, c = inputs()
+    with torch.no_grad():
+        want = ref(x, t, c).sample
+        assert (ours(x, t, c) - want).abs().max() < 1e-5 * max(1.0, want.abs().max().item())
+
+
+def test_ckpt_pickles(unets, tmp_path):
+    """An original .ckpt (weights nested under state_dict) loads; one pickling more than tensors is refused."""
+    ref, _, root = unets
+    from safetensors.torch import load_file
+    torch.save({"state_dict": load_file(root / "sd-tiny.safetensors"), "global_step": 3}, tmp_path / "sd.ckpt")
+    ours = unet.UNet.from_pretrained(tmp_path / "sd.ckpt", config=unet.UNetConfig.from_dict(dict(ref.config)))
+    x, t, c = inputs()
+    with torch.no_grad():
+        assert (ours(x, t, c) - ref(x, t, c).sample).abs().max() < 1e-4
+    torch.save({"state_dict": {}, "callbacks": Opaque()}, tmp_path / "lightning.ckpt")
+    with pytest.raises(CheckpointError, match=r"(?s)lightning\.ckpt.*safetensors"):
+        unet.UNet.from_pretrained(tmp_path / "lightning.ckpt")
+
+
+class Opaque:  # stands in for the pytorch_lightning objects pickled in the original .ckpt
+    pass
+
+
+def test_gradient_checkpointing_same_grads():
+    torch.manual_seed(0)
+    model = unet.UNet(unet.UNetConfig.from_dict(SD2_TINY)).train()
+    x, t, c = inputs()
+    grads = []
+    for ckpt in (False, True):
+        model.gradient_checkpointing = ckpt
+        model.zero_grad()
+        model(x, t, c).square().mean().backward()
+        grads.append(model.conv_in.weight.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
 def test_single_file_architecture_inference(unets):
