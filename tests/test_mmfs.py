@@ -37,13 +37,13 @@ def loop_deform_attn(value, spatial_shapes, sampling_locations, attention_weight
     B, S, M, D = value.shape
     _, Q, _, L, P, _ = sampling_locations.shape
     out = value.new_zeros(B, Q, M, D)
+    loc, a = sampling_locations.tolist(), attention_weights.tolist()
     start = 0
     for l, (H, W) in enumerate(spatial_shapes.tolist()):
         V = value[:, start:start + H * W].view(B, H, W, M, D)
         start += H * W
         for b, q, m, p in itertools.product(range(B), range(Q), range(M), range(P)):
-            x, y = sampling_locations[b, q, m, l, p]
-            out[b, q, m] += attention_weights[b, q, m, l, p] * bilinear(V[b, :, :, m], x, y)
+            out[b, q, m] += a[b][q][m][l][p] * bilinear(V[b, :, :, m], *loc[b][q][m][l][p])
     return out.reshape(B, Q, M * D)
 
 
