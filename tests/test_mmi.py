@@ -268,3 +268,61 @@ def test_official_preset_on_meta_device():
     assert 860e6 < counts["unet"][0] < 870e6 and counts["unet"][1] == counts["unet"][0]  # SD 2.1 U-Net, trained
     assert 80e6 < counts["vae"][0] < 90e6 and counts["vae"][1] == 0
     assert all(t == total for k, (total, t) in counts.items() if k not in ("vit", "llm", "vae"))
+
+
+@pytest.fixture(scope="module")
+def components(tmp_path_factory):
+    """Tiny random CLIP / LLaMA (with the real LLaMA tokenizer.model) / SD 2 folders in the official layouts."""
+    transformers = pytest.importorskip("transformers")
+    diffusers = pytest.importorskip("diffusers")
+    import json
+    import shutil
+    from pathlib import Path
+    root = tmp_path_factory.mktemp("components")
+    torch.manual_seed(0)
+    v = {k: MICRO["vision"][k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                          "num_attention_heads", "patch_size", "image_size")}
+    transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**v)).save_pretrained(root / "clip")
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=256, rms_norm_eps=1e-6))
+    llama.save_pretrained(root / "llm")
+    shutil.copy(Path(__file__).parent / "fixtures" / "llama" / "tokenizer.model", root / "llm" / "tokenizer.model")
+    u = {k: tuple(x) if isinstance(x, list) else x for k, x in MICRO["unet"].items()}
+    u.update(in_channels=4, out_channels=4, sample_size=2)
+    diffusers.UNet2DConditionModel(**u, use_linear_projection=True).save_pretrained(root / "sd" / "unet")
+    diffusers.AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                            latent_channels=4, norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4).save_pretrained(root / "sd" / "vae")
+    (root / "sd" / "scheduler").mkdir()
+    (root / "sd" / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type="epsilon", steps_offset=1, set_alpha_to_one=False, clip_sample=False)))
+    return root
+
+
+def test_from_components_freezing_and_partial_save(components, tmp_path):
+    from safetensors import safe_open
+    skip = ("vision", "llm", "unet", "vae", "schedule", "tokenizer", "pad_id", "freeze_vit", "freeze_llm", "lr",
+            "lr_unet", "lr_offsets")
+    kw = {k: v for k, v in MICRO.items() if k not in skip}
+    model = MMI.from_components(components / "clip", components / "llm", components / "sd", **kw).eval()
+    assert model.cfg.schedule["prediction_type"] == "epsilon" and model.vae is not None and model.latent == 2
+    counts = model.param_counts()
+    assert counts["vit"][1] == counts["llm"][1] == counts["vae"][1] == 0 and counts["unet"][1] == counts["unet"][0]
+    tok = model.tokenizer()
+    assert (tok.pad_id, tok.token_id("<|beginofimage|>"), tok.token_id("<|image|>")) == (31999, 32000, 32001)
+    batch = pack(model, tok, [["a cat", images(1)[0], "and a dog", images(1, 1)[0]]])
+    model.save(tmp_path / "ckpt")
+    with safe_open(str(tmp_path / "ckpt" / "model.safetensors"), "pt") as f:
+        saved = set(f.keys())
+    assert not any(k.startswith(("adapter.vit.", "vae.")) for k in saved)
+    assert all(".inserted." in k for k in saved if k.startswith("llm."))
+    assert "unet.conv_in.weight" in saved and "adapter.level_embed" in saved and "boi" in saved
+    loaded = MMI.load(tmp_path / "ckpt").eval()
+    outs = []
+    for m in (model, loaded):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            outs.append(m(batch)["loss"])
+    assert torch.equal(outs[0], outs[1])
