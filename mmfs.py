@@ -12,9 +12,9 @@ attention over several images, or read nothing at all.
     MMFS                   the module; its three uses in MM-Interleaved (official.md):
       LLM      MMFS(5120, 1024, n_heads=16, n_levels=3, n_points=8, head_dim=64, offset_init=3, max_images=50,
                     base_grid=16)   values: levels 32/16/8 of every image, reference point (0.5, 0.5)
-      U-Net    MMFS(C_skip, 1024, n_heads=16, n_levels=4, n_points=8, head_dim=64, offset_init=1, max_images=...,
-                    base_grid=(h, w) of the skip)   values: 4 adapter levels of the previous image,
-                    reference points = pixel_centres(h, w) of the skip (the query's own pixel)
+      U-Net    MMFS(C_skip, 1024, n_heads=16, n_levels=4, n_points=8, head_dim=64, offset_init=1, max_images=1,
+                    base_grid=(h, w) of the skip)   values: 4 adapter levels 64/32/16/8 of the previous image (N=1;
+                    visible False where there is none), reference points = pixel_centres(h, w) of the skip
       Adapter  MMFS(1024, 1024, n_heads=16, n_levels=3, n_points=4, head_dim=32, max_images=None, null_slot=False,
                     shared_offsets=False)   plain single-image MSDeformAttn of Deformable DETR / ViT-Adapter
 """
