@@ -207,6 +207,9 @@ class UNetConfig:
         for k, ok in _UNET_FIXED.items():
             if k in d and d[k] != ok:
                 raise CheckpointError(f"{source}: unsupported U-Net option {k}={d[k]!r} (only {ok!r})")
+        for kind in [*d.get("down_block_types", ()), *d.get("up_block_types", ())]:
+            if kind not in ("CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"):
+                raise CheckpointError(f"{source}: unsupported U-Net block type {kind!r}")
         names = {f.name for f in fields(cls)}
         kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
         return cls(**kw)
@@ -517,13 +520,13 @@ class _Renamed(dict):
 
 
 def _renamed(ckpt, prefix, rename, file):
-    """Keys under `prefix`, renamed to our (diffusers) names; 1x1-conv attention weights become linear weights."""
-    def loader(k):
-        def load():
-            t = ckpt[k]
-            return t[:, :, 0, 0] if t.ndim == 4 and re.search(r"attentions\.0\.(to_[qkv]|to_out\.0)\.weight$", rename(k[len(prefix):])) else t
-        return load
-    return _Renamed({rename(k[len(prefix):]): loader(k) for k in ckpt if k.startswith(prefix)}, file)
+    """Keys under `prefix`, renamed to our (diffusers) names, each mapped to a loader that reads it on demand."""
+    def loader(key, name):
+        if re.search(r"attentions\.0\.(to_[qkv]|to_out\.0)\.weight$", name):  # VAE attention, which the original
+            return lambda: ckpt[key].flatten(1)  # stores as 1x1 convs [C, C, 1, 1] (no-op on [C, C])
+        return lambda: ckpt[key]
+    names = {k: rename(k[len(prefix):]) for k in ckpt if k.startswith(prefix)}
+    return _Renamed({name: loader(k, name) for k, name in names.items()}, file)
 
 
 _RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj", "out_layers.0": "norm2",
