@@ -487,7 +487,8 @@ class AutoencoderKL(nn.Module):
             else:
                 n_up = len({k.split(".")[3] for k in ckpt if k.startswith("first_stage_model.decoder.up.")})
                 tensors = _renamed(ckpt, "first_stage_model.", lambda k: _vae_key(k, n_up), path)
-            cfg = config or _sibling_config(path, ckpt, "encoder.conv_in.weight", VAEConfig) or _infer_vae_config(tensors)
+            cfg = (config or _sibling_config(path, ckpt, "encoder.conv_in.weight", VAEConfig)
+                   or _infer_vae_config(tensors))
         with torch.device("meta"):
             model = cls(cfg)
         return load_strict(model, tensors, str(path), dtype).eval()
@@ -560,7 +561,9 @@ def _unet_key(k, lpb):
             i, j = divmod(n - 1, lpb + 1)
             if j == lpb:  # the block's downsampler, `op` is its conv
                 return f"down_blocks.{i}.downsamplers.0.conv." + rest.split(".", 1)[1]
-            return f"down_blocks.{i}.resnets.{j}." + _resnet_key(rest) if part == 0 else f"down_blocks.{i}.attentions.{j}." + rest
+            if part == 0:
+                return f"down_blocks.{i}.resnets.{j}." + _resnet_key(rest)
+            return f"down_blocks.{i}.attentions.{j}." + rest
         i, j = divmod(n, lpb + 1)
         if part == 0:
             return f"up_blocks.{i}.resnets.{j}." + _resnet_key(rest)
@@ -605,8 +608,8 @@ def _infer_unet_config(tensors) -> UNetConfig:
     down_cross = [f"down_blocks.{i}.attentions.0.norm.weight" in tensors for i in range(n)]
     up_cross = [f"up_blocks.{i}.attentions.0.norm.weight" in tensors for i in range(n)]
     a = "mid_block.attentions.0."
-    depth = tuple(len({k.split(".")[5] for k in tensors if k.startswith(f"down_blocks.{i}.attentions.0.transformer_blocks.")})
-                  or 1 for i in range(n))
+    depth = tuple(len({k.split(".")[5] for k in tensors
+                       if k.startswith(f"down_blocks.{i}.attentions.0.transformer_blocks.")}) or 1 for i in range(n))
     return UNetConfig(
         in_channels=_shape(tensors, "conv_in.weight")[1], out_channels=_shape(tensors, "conv_out.weight")[0],
         block_out_channels=chs, layers_per_block=lpb,
@@ -623,8 +626,10 @@ def _infer_unet_config(tensors) -> UNetConfig:
 def _infer_vae_config(tensors) -> VAEConfig:
     n = len({k.split(".")[2] for k in tensors if k.startswith("encoder.down_blocks.")})
     return VAEConfig(
-        in_channels=_shape(tensors, "encoder.conv_in.weight")[1], out_channels=_shape(tensors, "decoder.conv_out.weight")[0],
-        block_out_channels=tuple(_shape(tensors, f"encoder.down_blocks.{i}.resnets.0.conv1.weight")[0] for i in range(n)),
+        in_channels=_shape(tensors, "encoder.conv_in.weight")[1],
+        out_channels=_shape(tensors, "decoder.conv_out.weight")[0],
+        block_out_channels=tuple(_shape(tensors, f"encoder.down_blocks.{i}.resnets.0.conv1.weight")[0]
+                                 for i in range(n)),
         layers_per_block=len({k.split(".")[4] for k in tensors if k.startswith("encoder.down_blocks.0.resnets.")}),
         latent_channels=_shape(tensors, "decoder.conv_in.weight")[1])
 
