@@ -1,0 +1,168 @@
+"""
+Benchmarks of the assembled model (mmi.py) on the CPU:
+  1. tiny-config training step, split by component: image tokenizer (ViT + adapter + resampler), LLM + MMFS,
+     image decoder (context resampler + U-Net + MMFS), and the whole step (forward + backward + AdamW);
+  2. generation: text tokens/s (KV cache) and seconds per image (DDPM, steps, guidance);
+  3. MMFS overhead in the LLM: forward time with vs without the MMFS layers (tiny and a medium config;
+     the paper reports about +6% runtime).
+
+    python bench/bench_mmi.py                       # all, 1 thread (the shared test machine), ~2-4 min
+    python bench/bench_mmi.py --threads=2 --only=mmfs
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+from mmi import MMI, MMIConfig  # noqa: E402
+
+
+def timeit(fn, n, warmup=1):
+    for _ in range(warmup):
+        fn()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t) / n
+
+
+def tiny_batch(model, tok, batch_size, seq_len, step=0):
+    ds = data.SyntheticDataset(tok, model.cfg.boi_id, model.cfg.image_id, model.cfg.n_image_tokens, seq_len,
+                               image_size=model.cfg.image_size)
+    return ds.batch(step, batch_size)
+
+
+def bench_step(args):
+    torch.manual_seed(0)
+    model = MMI(MMIConfig.from_name("tiny")).train()
+    tok = model.tokenizer()
+    batch = tiny_batch(model, tok, args.batch_size, args.seq_len)
+    counts = model.param_counts()
+    print(f"tiny: {sum(t for t, _ in counts.values()) / 1e6:.2f} M params "
+          f"({', '.join(f'{k} {t / 1e6:.2f}' for k, (t, _) in counts.items() if t)})")
+    lay = model.layout(batch["tokens"], batch["doc_ids"])
+    print(f"batch: {tuple(batch['tokens'].shape)} tokens, {batch['images'].shape[0]} images "
+          f"({int(lay['has_context'].sum())} with image loss)")
+    opt = torch.optim.AdamW(model.param_groups(0.05))
+
+    def step():
+        out = model(batch)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+    total = timeit(step, args.n)
+
+    # components, each forward + backward on detached inputs
+    images, tokens = batch["images"], batch["tokens"]
+
+    def vision():
+        emb, maps = model.encode_images(images)
+        (emb.sum() + sum(m.sum() for m in maps)).backward()
+    emb, maps = model.encode_images(images)
+    emb, maps = emb.detach(), [m.detach() for m in maps]
+    values, shapes = model.flatten_maps(maps[1:])
+    ctx = model.visual_context(lay, values, shapes, tokens.shape[0])
+
+    def llm():
+        h = model.llm.forward_hidden(embeds=model.embed(tokens, emb), ctx=ctx)
+        tgt = model.text_targets(tokens)
+        torch.nn.functional.cross_entropy(model.logits(h[:, :-1]).flatten(0, 1), tgt.flatten()).backward()
+    h = model.llm.forward_hidden(embeds=model.embed(tokens, emb), ctx=ctx).detach()
+    sel = lay["has_context"].nonzero(as_tuple=True)[0]
+    dec, dshapes = model.flatten_maps(maps)
+
+    def decoder():
+        cond = model.condition(h, lay["rows"][sel], lay["start"][sel], lay["pos"][sel])
+        x0 = model.to_latent(images[sel])
+        t = torch.randint(0, 1000, (len(sel),))
+        values, visible = model.decoder_values(dec, dshapes, lay["prev"][sel])
+        model.denoise(x0, t, cond, values, visible).square().mean().backward()
+    parts = {name: timeit(fn, args.n) for name, fn in [("vision", vision), ("llm", llm), ("decoder", decoder)]}
+    print(f"training step (fwd+bwd+AdamW): {total * 1000:.0f} ms  = "
+          + ", ".join(f"{k} {v * 1000:.0f} ms ({v / total:.0%})" for k, v in parts.items())
+          + f", rest {(total - sum(parts.values())) * 1000:.0f} ms")
+    return model, tok
+
+
+def bench_generate(args, model=None, tok=None):
+    if model is None:
+        torch.manual_seed(0)
+        model = MMI(MMIConfig.from_name("tiny"))
+        tok = model.tokenizer()
+    model.eval()
+    prompt = [data.render(data.random_scene(__import__("random").Random(0)), model.cfg.image_size), "the red"]
+    n = 64
+    t = time.perf_counter()
+    out = model.generate(prompt, tok, max_new_tokens=n, max_images=0, temperature=0, repetition_penalty=1.0)
+    dt = time.perf_counter() - t
+    n_tok = len(tok.encode("".join(out), bos=False))
+    print(f"text: {n_tok} tokens in {dt:.2f} s = {n_tok / dt:.0f} tokens/s (prefill of {model.cfg.n_image_tokens + 9} "
+          "tokens included, KV cache, greedy)")
+    for steps, guidance in [(25, 3.5), (50, 3.5)]:
+        t = time.perf_counter()
+        out = model.generate(["a red circle in the centre."], tok, max_new_tokens=1, max_images=1, begin_image=True,
+                             steps=steps, guidance=guidance, temperature=0)
+        dt = time.perf_counter() - t
+        assert isinstance(out[0], torch.Tensor)
+        print(f"image: {dt:.2f} s per image ({steps} DDPM steps, guidance {guidance} = batch 2 per step), "
+              f"{1 / dt:.2f} images/s")
+
+
+def bench_mmfs(args):
+    """LLM forward (no grad) on a packed sequence with images, with vs without the MMFS layers."""
+    configs = {
+        "tiny": {},
+        "medium": {"llm.dim": 1024, "llm.n_layers": 8, "llm.n_heads": 16, "llm.hidden_dim": 2816, "mmfs_every": 4,
+                   "mmfs_heads": 16, "mmfs_head_dim": 64, "mmfs_points": 8, "n_image_tokens": 32,
+                   "vision.hidden_size": 256, "vision.intermediate_size": 1024, "vision.num_attention_heads": 8,
+                   "vision.image_size": 64, "adapter.n_heads": 8},
+    }
+    for name, over in configs.items():
+        torch.manual_seed(0)
+        model = MMI(MMIConfig.from_name("tiny", **over)).eval()
+        tok = model.tokenizer()
+        seq = args.seq_len if name == "tiny" else 512
+        batch = tiny_batch(model, tok, 2, seq)
+        tokens = batch["tokens"]
+        lay = model.layout(tokens, batch["doc_ids"])
+        with torch.no_grad():
+            emb, maps = model.encode_images(batch["images"])
+            values, shapes = model.flatten_maps(maps[1:])
+            ctx = model.visual_context(lay, values, shapes, tokens.shape[0])
+            x = model.embed(tokens, emb)
+            inserted = {i: b.inserted for i, b in enumerate(model.llm.layers) if b.inserted is not None}
+            with_mmfs = timeit(lambda: model.llm.forward_hidden(embeds=x, ctx=ctx), args.n)
+            for i in inserted:
+                model.llm.layers[i].inserted = None
+            without = timeit(lambda: model.llm.forward_hidden(embeds=x), args.n)
+            for i, m in inserted.items():
+                model.llm.layers[i].inserted = m
+        p_mmfs = sum(p.numel() for n, p in model.llm.named_parameters() if ".inserted." in n)
+        p_llm = sum(p.numel() for n, p in model.llm.named_parameters() if ".inserted." not in n)
+        print(f"MMFS overhead {name}: LLM dim {model.llm.cfg.dim} x {model.llm.cfg.n_layers} layers, "
+              f"MMFS in {len(inserted)}, batch {tuple(tokens.shape)} with {batch['images'].shape[0]} images: "
+              f"{without * 1000:.0f} -> {with_mmfs * 1000:.0f} ms ({with_mmfs / without - 1:+.0%} runtime), "
+              f"{p_mmfs / p_llm:+.1%} parameters")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--batch_size", type=int, default=4)
+    ap.add_argument("--seq_len", type=int, default=256)
+    ap.add_argument("--n", type=int, default=3, help="timed repetitions")
+    ap.add_argument("--only", choices=["step", "generate", "mmfs"], default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), load average {os.getloadavg()[0]:.1f}")
+    model = tok = None
+    if args.only in (None, "step"):
+        model, tok = bench_step(args)
+    if args.only in (None, "generate"):
+        bench_generate(args, model, tok)
+    if args.only in (None, "mmfs"):
+        bench_mmfs(args)
