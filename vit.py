@@ -69,7 +69,7 @@ class Embeddings(nn.Module):
         super().__init__()
         D, P = cfg.hidden_size, cfg.patch_size
         self.grid = cfg.image_size // P
-        self.class_embedding = nn.Parameter(torch.empty(D))
+        self.class_embedding = nn.Parameter(torch.randn(D) * D**-0.5)  # CLIP's init; from_pretrained overwrites it
         self.patch_embedding = nn.Conv2d(cfg.num_channels, D, P, stride=P, bias=False)
         self.position_embedding = nn.Embedding(1 + self.grid**2, D)
 
@@ -237,8 +237,10 @@ def resize01(x, size):
 
 @functools.lru_cache(maxsize=16)
 def _sincos_table(h, w, dim):
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (dim/4,)
-    y, x = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    # device="cpu" explicitly: a call under `with torch.device("meta")` must not cache meta tensors for everyone
+    f64 = dict(dtype=torch.float64, device="cpu")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, **f64) / (dim // 4))  # (dim/4,)
+    y, x = torch.meshgrid(torch.arange(h, **f64), torch.arange(w, **f64), indexing="ij")
 
     def encode(pos):  # (h*w,) -> (h*w, dim/2)
         angle = pos.reshape(-1, 1) * omega

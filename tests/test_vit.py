@@ -213,3 +213,14 @@ def test_normalize():
     y = vit.normalize(x)
     for c in range(3):
         assert torch.allclose(y[:, c], torch.tensor((0.5 - vit.CLIP_MEAN[c]) / vit.CLIP_STD[c]))
+
+
+def test_fresh_model_is_initialised_and_sincos_not_poisoned_by_meta():
+    # a ViT trained from scratch (the tiny world) must not start from uninitialised memory
+    cfg = vit.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                               patch_size=4, image_size=16, layer_norm_eps=1e-5)
+    emb = vit.VisionTransformer(cfg).embeddings.class_embedding
+    assert torch.isfinite(emb).all() and 0.05 < emb.std() < 0.5
+    with torch.device("meta"):
+        vit.sincos_2d(3, 5, 8)
+    assert vit.sincos_2d(3, 5, 8).device.type == "cpu"
