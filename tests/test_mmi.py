@@ -179,6 +179,8 @@ def test_generation_cache_equals_recompute_and_interleaves():
             torch.testing.assert_close(x, y, atol=1e-4, rtol=0)
     text_only = model.generate(["hello"], tok, max_new_tokens=5, max_images=0, temperature=0)
     assert all(isinstance(x, str) for x in text_only)
+    t2i = model.generate(["a red circle"], tok, max_new_tokens=2, max_images=1, begin_image=True, steps=2)
+    assert isinstance(t2i[0], torch.Tensor) and t2i[0].shape == (3, 16, 16)
 
 
 def test_overfit_one_batch_both_losses():
