@@ -1,0 +1,200 @@
+"""
+Generate interleaved text and images with MM-Interleaved; writes the images (PNG) and one HTML page.
+
+    python sample.py                                   # the shipped tiny model on assets/demo.txt (CPU, ~1 minute)
+    python sample.py --ckpt=out-tiny --prompt="<img:assets/scene.png> question: what colour is in the centre? answer:"
+    python sample.py --prompt="a red circle in the top left and a blue square in the centre. <img>"
+    python sample.py --ckpt=random --steps=2           # a random tiny model (smoke test)
+    python sample.py --clip_path=CLIP --llm_path=VICUNA --sd_path=SD21 [--ckpt=DIR_FROM_TRAIN] --device=cuda \\
+        --dtype=float16 --prompt_file=my_prompt.txt    # official components (paper configuration)
+
+Prompt syntax: text with images as <img:path> (paths relative to the prompt file, or to the current folder for
+--prompt). The model continues after the end of the prompt; a final bare <img> makes it start with an image.
+A prompt file may hold several prompts separated by lines "---"; a first line "# title" names a prompt.
+"""
+import argparse
+import html
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from mmi import MMI, PRESETS
+from weights import CheckpointError
+
+ROOT = Path(__file__).resolve().parent
+p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("--ckpt", default=str(ROOT / "assets" / "tiny"),
+               help="folder with model.safetensors + config.json (train.py's out_dir), or 'random'")
+p.add_argument("--preset", default="tiny", help="model preset for --ckpt=random / official components")
+p.add_argument("--clip_path", default="", help="official CLIP folder (with --llm_path and --sd_path)")
+p.add_argument("--llm_path", default="")
+p.add_argument("--sd_path", default="")
+p.add_argument("--prompt", default="", help='e.g. "<img:cat.png> a story: once"; default: --prompt_file')
+p.add_argument("--prompt_file", default=str(ROOT / "assets" / "demo.txt"))
+p.add_argument("--out_dir", default="samples")
+p.add_argument("--seed", type=int, default=0)
+p.add_argument("--max_new_tokens", type=int, default=160)
+p.add_argument("--max_images", type=int, default=1, help="images the model may draw per prompt")
+p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+p.add_argument("--top_p", type=float, default=0.9)
+p.add_argument("--repetition_penalty", type=float, default=1.0, help="official demo: 1.3")
+p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
+p.add_argument("--steps", type=int, default=25, help="diffusion steps per image")
+p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale (1 = none)")
+p.add_argument("--device", default="cpu")
+p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+args = p.parse_args()
+
+
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+# -----------------------------------------------------------------------------
+# the prompts: [(title, items, draw_first)], items = str or PIL images
+IMG = re.compile(r"<img(?::([^>]*))?>")
+
+
+def parse_prompt(text, root, title):
+    items, draw_first = [], False
+    pos = 0
+    for m in IMG.finditer(text):
+        if text[pos:m.start()].strip():
+            items.append(text[pos:m.start()].strip())
+        pos = m.end()
+        if m[1] is None:  # bare <img>: the model draws here; only meaningful at the end
+            if text[pos:].strip():
+                fail(f"a bare <img> (draw an image) must end the prompt: {text.strip()!r}")
+            draw_first = True
+            continue
+        path = (root / m[1].strip())
+        if not path.is_file():
+            fail(f"prompt image not found: {path}")
+        try:
+            with Image.open(path) as im:
+                items.append(im.convert("RGB"))
+        except Exception as e:
+            fail(f"cannot read prompt image {path}: {e}")
+    if text[pos:].strip():
+        items.append(text[pos:].strip())
+    if not items:
+        fail("empty prompt")
+    return title, items, draw_first
+
+
+if args.prompt:
+    prompts = [parse_prompt(args.prompt, Path.cwd(), "prompt")]
+else:
+    pf = Path(args.prompt_file)
+    if not pf.is_file():
+        fail(f"prompt file not found: {pf}")
+    prompts = []
+    for i, chunk in enumerate(re.split(r"^---\s*$", pf.read_text(), flags=re.M)):
+        lines = chunk.strip().splitlines()
+        title = lines.pop(0)[1:].strip() if lines and lines[0].startswith("#") else f"prompt {i + 1}"
+        if lines:
+            prompts.append(parse_prompt("\n".join(lines), pf.parent, title))
+
+# -----------------------------------------------------------------------------
+# the model
+if args.preset not in PRESETS:
+    fail(f"unknown preset {args.preset!r}; choose from {sorted(PRESETS)}")
+if args.device.startswith("cuda") and not torch.cuda.is_available():
+    fail(f"--device={args.device} but CUDA is not available")
+dtype = getattr(torch, args.dtype)
+components = (args.clip_path, args.llm_path, args.sd_path)
+torch.manual_seed(args.seed)
+t0 = time.time()
+try:
+    if args.ckpt == "random" and any(components):
+        model = MMI.from_components(*components, preset=args.preset, dtype=dtype)
+    elif args.ckpt == "random":
+        from mmi import MMIConfig
+        model = MMI(MMIConfig.from_name(args.preset))
+    else:
+        ck = Path(args.ckpt)
+        if not (ck / "model.safetensors").is_file() or not (ck / "config.json").is_file():
+            fail(f"no checkpoint at {ck} (needs model.safetensors and config.json from train.py; "
+                 f"or pass --ckpt=random)")
+        comp = dict(zip(("clip", "llm", "sd"), components)) if all(components) else None
+        model = MMI.load(ck, components=comp)
+except (CheckpointError, FileNotFoundError, ValueError) as e:
+    fail(str(e).splitlines()[0])
+model = model.to(args.device, dtype).eval()
+tok = model.tokenizer()
+print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters from {args.ckpt} "
+      f"({time.time() - t0:.1f} s)")
+
+# time spent drawing images, to report text and image speed separately
+image_time = [0.0]
+_sample_images = model.sample_images
+
+
+def timed_sample_images(*a, **k):
+    t = time.time()
+    x = _sample_images(*a, **k)
+    image_time[0] += time.time() - t
+    return x
+
+
+model.sample_images = timed_sample_images
+
+# -----------------------------------------------------------------------------
+# generate, save, write the page
+out = Path(args.out_dir)
+out.mkdir(parents=True, exist_ok=True)
+gen = torch.Generator(args.device).manual_seed(args.seed)
+
+
+def save_png(img, name):
+    if torch.is_tensor(img):
+        img = Image.fromarray((img.float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy())
+    img.save(out / name)
+    return name
+
+
+sections, n_tokens, n_images, text_time, img_time = [], 0, 0, 0.0, 0.0
+for i, (title, items, draw_first) in enumerate(prompts):
+    image_time[0], t = 0.0, time.time()
+    with torch.no_grad():
+        result = model.generate(items, tok, max_new_tokens=args.max_new_tokens, max_images=args.max_images,
+                                begin_image=draw_first, temperature=args.temperature, top_p=args.top_p,
+                                repetition_penalty=args.repetition_penalty, steps=args.steps,
+                                sampler=args.sampler, guidance=args.guidance, generator=gen)
+    dt = time.time() - t
+    text_time, img_time = text_time + dt - image_time[0], img_time + image_time[0]
+    n_tokens += sum(len(tok.encode(x, bos=False)) for x in result if isinstance(x, str))
+    n_images += sum(1 for x in result if not isinstance(x, str))
+    parts = []
+    for j, x in enumerate(items + result):
+        generated = j >= len(items)
+        if isinstance(x, str):
+            parts.append(f'<span class="{"gen" if generated else "prompt"}">{html.escape(x)}</span>')
+        else:
+            name = save_png(x, f"p{i + 1}_{j + 1}{'_gen' if generated else ''}.png")
+            parts.append(f'<img class="{"gen" if generated else "prompt"}" src="{name}" alt="{name}">')
+    sections.append(f"<h2>{html.escape(title)}</h2>\n<p>{' '.join(parts)}</p>")
+    shown = " | ".join(x if isinstance(x, str) else "[image]" for x in result)
+    print(f"[{title}] -> {shown}")
+
+page = out / "index.html"
+page.write_text(f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>mmi samples</title><style>
+body {{ font-family: sans-serif; max-width: 50em; margin: 2em auto; }}
+img {{ width: 128px; image-rendering: pixelated; vertical-align: middle; margin: 4px; border: 3px solid #ccc; }}
+img.gen {{ border-color: #2a7; }}  span.gen {{ background: #dfd; }}
+</style></head><body>
+<h1>MM-Interleaved samples</h1>
+<p>Prompt in grey / plain text; <span class="gen">generated in green</span>. Checkpoint: {html.escape(str(args.ckpt))},
+seed {args.seed}, {args.sampler} {args.steps} steps, guidance {args.guidance}, temperature {args.temperature}.</p>
+{chr(10).join(sections)}
+</body></html>
+""")
+print(f"text: {n_tokens} tokens at {n_tokens / max(text_time, 1e-9):.1f} tokens/s; "
+      f"images: {n_images}" + (f" at {img_time / n_images:.2f} s per image" if n_images else ""))
+print(f"wrote {page} and {n_images} generated images in {out}/")

@@ -1,0 +1,401 @@
+"""
+Train MM-Interleaved: the tiny model on the synthetic world (default), or the official one on real corpora.
+
+    python train.py                                   # tiny preset, synthetic world, CPU, ~15 minutes on 2 cores
+    python train.py --max_steps=50 --eval_interval=25 --out_dir=out-try     # a short try
+    python train.py --out_dir=out-tiny --resume=True  # continue exactly where the last checkpoint stopped
+    python train.py --n_image_tokens=8 --llm.n_layers=6                    # model-config overrides (mmi.MMIConfig)
+    torchrun --standalone --nproc_per_node=2 train.py # DDP (gloo on CPU, NCCL on GPUs); same result as 1 process
+    torchrun --standalone --nproc_per_node=8 train.py --preset=official --clip_path=clip-vit-large-patch14 \\
+        --llm_path=vicuna-13b-v1.3 --sd_path=stable-diffusion-2-1-base --data=mmc4.jsonl,laion.jsonl \\
+        --device=cuda --dtype=bfloat16 --grad_checkpointing=True
+
+Every knob below can be overridden as --key=value (checked against the knob's type; booleans accept
+True/False/1/0/yes/no). A key that is not a knob goes to the model config: a field of mmi.MMIConfig or
+"sub.field" of one of its sub-configs (values parsed as Python literals).
+
+Determinism: micro-batch g (g = (step * grad_accum + micro) * world_size + rank) always holds the same rows of the
+synthetic world and reseeds torch's RNG (diffusion noise, timesteps, null-condition drops) from (seed, g). So a run
+depends only on the micro-batch size and the global batch, not on the number of processes, and resuming is exact.
+"""
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import data
+from mmi import MMI, MMIConfig, PRESETS
+
+# -----------------------------------------------------------------------------
+# knobs (defaults for the tiny preset; PRESET_KNOBS below changes some for other presets)
+preset = "tiny"
+out_dir = "out-tiny"
+seed = 0
+resume = False
+# data: "" = the synthetic world of data.py; else comma-separated .jsonl corpora (data.CorpusDataset)
+data_paths = ""
+seq_len = 256
+batch_size = 8             # rows per micro-batch per process
+grad_accum = 1             # micro-batches per step per process; global batch = batch_size * grad_accum * world
+num_workers = 0
+# optimisation: AdamW on model.param_groups (per-group lr from the model config, scaled by the schedule)
+max_steps = 1000
+lr = 0.0                   # 0: the model config's lr / lr_unet / lr_offsets; else one lr scales all three alike
+weight_decay = 0.01
+beta1, beta2, eps = 0.9, 0.99, 1e-8
+warmup_steps = 50
+schedule = "cosine"        # "cosine" (to min_lr_ratio * lr at max_steps) or "constant" after warmup
+min_lr_ratio = 0.1
+grad_clip = 1.0            # 0 disables
+# system
+device = "cpu"             # "cpu", "cuda", "cuda:1", ...
+dtype = "float32"          # "float32", "bfloat16" or "float16" (autocast; fp16 uses a GradScaler)
+compile = False
+grad_checkpointing = False
+threads = 0                # torch CPU threads, 0 = torch's default
+# official components (preset "official"): folders for mmi.MMI.from_components
+clip_path = llm_path = sd_path = ""
+# logging, evaluation, checkpoints
+log_interval = 10
+eval_interval = 0          # 0: evaluate once at the end
+eval_n = 50                # held-out examples per kind
+eval_kinds = "i2t,qa,t2i,story"
+eval_steps = 25            # diffusion sampling steps in eval
+eval_sampler = "ddim"
+eval_guidance = 2.0
+ckpt_interval = 200        # also at the end
+PRESET_KNOBS = {  # official.md: AdamW (0.9, 0.995), eps 1e-6, wd 0.05, warmup 1000, 15k steps, context 2048
+    "official": dict(beta2=0.995, eps=1e-6, weight_decay=0.05, warmup_steps=1000, max_steps=15000, seq_len=2048,
+                     schedule="cosine", out_dir="out-official", eval_guidance=3.5, eval_steps=50, eval_n=20),
+}
+# -----------------------------------------------------------------------------
+
+
+def parse_bool(s):
+    if s.lower() in ("1", "true", "yes", "y", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "n", "off"):
+        return False
+    raise ValueError(f"not a boolean: {s!r}")
+
+
+def parse_args(argv, knobs):
+    """--key=value -> (knob updates, model-config overrides). Knob values are checked against the default's type."""
+    import ast
+    updates, model_overrides = {}, {}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise SystemExit(f"error: expected --key=value, got {arg!r}")
+        key, val = arg[2:].split("=", 1)
+        key = "data_paths" if key == "data" else key
+        if key in knobs:
+            default = knobs[key]
+            try:
+                updates[key] = parse_bool(val) if isinstance(default, bool) else type(default)(val)
+            except ValueError:
+                raise SystemExit(f"error: --{key} expects {type(default).__name__}, got {val!r}")
+        else:
+            try:
+                model_overrides[key] = ast.literal_eval(val)
+            except (ValueError, SyntaxError):
+                model_overrides[key] = val  # a bare string
+    return updates, model_overrides
+
+
+knob_names = [k for k, v in globals().items() if not k.startswith("_") and k != "PRESET_KNOBS"
+              and isinstance(v, (int, float, bool, str))]
+_updates, model_overrides = parse_args(sys.argv[1:], {k: globals()[k] for k in knob_names})
+globals().update(PRESET_KNOBS.get(_updates.get("preset", preset), {}))
+globals().update(_updates)
+if preset not in PRESETS:
+    raise SystemExit(f"error: unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+config = {k: globals()[k] for k in knob_names}  # what the checkpoint and the log record
+if int(os.environ.get("RANK", 0)) == 0:
+    for k, v in {**_updates, **model_overrides}.items():
+        print(f"override: {k} = {v!r}")
+
+# -----------------------------------------------------------------------------
+# distributed set-up: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
+ddp = "RANK" in os.environ
+if ddp:
+    rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+else:
+    rank, world = 0, 1
+master = rank == 0
+if threads:
+    torch.set_num_threads(threads)
+device_type = "cuda" if device.startswith("cuda") else "cpu"
+ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
+out = Path(out_dir)
+ckpt_file = out / "ckpt.pt"
+if master:
+    out.mkdir(parents=True, exist_ok=True)
+
+# -----------------------------------------------------------------------------
+# model, optimizer, schedule
+torch.manual_seed(seed)
+ckpt = None
+if resume:
+    if not ckpt_file.exists():
+        raise SystemExit(f"error: --resume=True but there is no checkpoint at {ckpt_file}")
+    ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=False)
+    model_overrides = ckpt["model_overrides"]  # the architecture comes from the checkpoint
+if preset == "official":
+    if not (clip_path and llm_path and sd_path):
+        raise SystemExit("error: preset 'official' needs --clip_path, --llm_path and --sd_path")
+    model = MMI.from_components(clip_path, llm_path, sd_path, dtype=ptdtype, **model_overrides)
+else:
+    try:
+        model = MMI(MMIConfig.from_name(preset, **model_overrides))
+    except (KeyError, TypeError) as e:
+        raise SystemExit(f"error: bad model-config override: {e}")
+skip_keys = model.official_keys()  # frozen official weights are not stored in checkpoints
+if ckpt is not None:
+    state = ckpt["model"]
+    missing = set(model.state_dict()) - skip_keys - state.keys()
+    if missing or state.keys() - set(model.state_dict()):
+        raise SystemExit(f"error: {ckpt_file} does not match the model (missing {sorted(missing)[:5]})")
+    model.load_state_dict(state, strict=False)
+model.to(device)
+if grad_checkpointing:
+    model.set_grad_checkpointing(True)
+tok = model.tokenizer()
+mcfg = model.cfg
+
+# lr=0 keeps the model's per-group learning rates; else lr sets the main one and the others keep their ratio
+scale = lr / mcfg.lr if lr else 1.0
+groups = model.param_groups(weight_decay, mcfg.lr * scale, mcfg.lr_unet * scale, mcfg.lr_offsets * scale)
+optimizer = torch.optim.AdamW(groups, betas=(beta1, beta2), eps=eps, fused=device_type == "cuda")
+
+
+def lr_factor(step):  # linear warmup, then cosine down to min_lr_ratio (or constant)
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    t = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+start_step = 0
+if ckpt is not None:
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["scaler"])
+    start_step = ckpt["step"]
+    rng = ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0]
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+
+raw_model = model  # what gets saved: never the compiled or DDP wrapper (no "_orig_mod." / "module." keys)
+if compile:
+    model = torch.compile(model)
+if ddp:
+    # FSDP would plug in here instead (torch.distributed.fsdp.fully_shard on each LLM block and the U-Net) when
+    # the trainable weights plus AdamW state do not fit one GPU; everything else in this file stays the same.
+    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, find_unused_parameters=True)
+if master:
+    counts = raw_model.param_counts()
+    n_all, n_train = sum(a for a, _ in counts.values()), sum(b for _, b in counts.values())
+    print(f"model: {n_all / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trainable; "
+          f"global batch {batch_size * grad_accum * world} rows of {seq_len} tokens; world {world}")
+
+# -----------------------------------------------------------------------------
+# data: the synthetic world is a pure function of the micro-batch index; corpora are read in order (resume skips
+# the micro-batches already seen in the current epoch)
+stats = data.Stats()
+if data_paths:
+    corpus = data.CorpusDataset(data_paths.split(","), tok, mcfg.boi_id, mcfg.image_id, mcfg.n_image_tokens, seq_len,
+                                image_size=mcfg.image_size, seed=seed, rank=rank, world_size=world)
+else:
+    synth = data.SyntheticDataset(tok, mcfg.boi_id, mcfg.image_id, mcfg.n_image_tokens, seq_len, seed=seed,
+                                  image_size=mcfg.image_size)
+data_pos = dict(ckpt["data_pos"]) if ckpt is not None else dict(epoch=0, micro=0)
+
+
+def corpus_batches():
+    """Endless micro-batches from the corpora, epoch after epoch; reports bad data at the end of each epoch.
+    Under DDP an epoch ends for all ranks as soon as one rank runs out of rows."""
+    while True:
+        corpus.set_epoch(data_pos["epoch"])
+        loader = torch.utils.data.DataLoader(corpus, batch_size=batch_size, collate_fn=data.collate,
+                                             num_workers=num_workers)
+        it = iter(loader)
+        for _ in range(data_pos["micro"]):  # skip what this epoch already trained on
+            next(it, None)
+        while True:
+            b = next(it, None)
+            more = torch.tensor(float(b is not None))
+            if ddp:
+                dist.all_reduce(more, op=dist.ReduceOp.MIN)
+            if not more:
+                break
+            data_pos["micro"] += 1
+            yield b
+        if master:
+            print(f"epoch {data_pos['epoch']} done: " + stats.report())
+        stats.take()
+        data_pos["epoch"], data_pos["micro"] = data_pos["epoch"] + 1, 0
+
+
+if data_paths:
+    batches = corpus_batches()
+else:
+    batches = iter(synth.loader(batch_size, start_step * grad_accum, rank, world, num_workers))
+
+
+def to_device(b):
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
+
+
+# -----------------------------------------------------------------------------
+# evaluation on the held-out synthetic split, scored by data.score
+
+@torch.no_grad()
+def evaluate(m, n=eval_n, kinds=eval_kinds):
+    m.eval()
+    gen = torch.Generator(device).manual_seed(seed)
+    opts = dict(temperature=0.0, repetition_penalty=1.0, steps=eval_steps, sampler=eval_sampler,
+                guidance=eval_guidance, generator=gen)
+    metrics = {}
+    for kind in [k for k in kinds.split(",") if k]:
+        scores = []
+        for ex in data.eval_examples(kind, n, seed=seed, size=mcfg.image_size):
+            if kind in ("i2t", "qa"):  # text answer; greedy
+                items = m.generate(ex["prompt"], tok, max_new_tokens=160 if kind == "i2t" else 20, max_images=0,
+                                   **opts)
+                pred = next((x for x in items if isinstance(x, str)), "")
+            else:  # the prompt ends where an image must come: start it at once
+                items = m.generate(ex["prompt"], tok, max_new_tokens=1, max_images=1, begin_image=True, **opts)
+                pred = next((x for x in items if torch.is_tensor(x)), torch.zeros(3, mcfg.image_size, mcfg.image_size))
+            scores.append(data.score(ex, pred))
+        for key in scores[0]:
+            metrics[f"{kind}_{key}"] = sum(s[key] for s in scores) / len(scores)
+    m.train()
+    return metrics
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: written to a temporary file, then renamed, so a crash never leaves a broken one
+
+def save_checkpoint(step):
+    rng = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())
+    rngs = [None] * world
+    if ddp:
+        dist.all_gather_object(rngs, rng)
+    else:
+        rngs = [rng]
+    if not master:
+        return
+    state = {k: v for k, v in raw_model.state_dict().items() if k not in skip_keys}
+    obj = dict(model=state, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+               scaler=scaler.state_dict(), step=step, rng=rngs, data_pos=dict(data_pos), config=config,
+               model_overrides=model_overrides, model_config=asdict(mcfg))
+    tmp = out / ".ckpt.pt.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, ckpt_file)
+    raw_model.save(out)  # model.safetensors + config.json: what sample.py loads
+
+
+# -----------------------------------------------------------------------------
+# training loop
+log_file = open(out / "log.jsonl", "a") if master else None
+
+
+def log(record):
+    if master:
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
+
+
+last_good = start_step if ckpt is not None else None
+model.train()
+pbar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, disable=not master,
+            dynamic_ncols=True)
+t0, tokens_seen, images_seen = time.time(), 0, 0
+for step in pbar:
+    sums = torch.zeros(5, dtype=torch.float64)  # loss, text loss, image loss, tokens, images (this rank)
+    for micro in range(grad_accum):
+        batch = to_device(next(batches))
+        stats.add(batch.pop("skipped"))
+        g = (step * grad_accum + micro) * world + rank
+        torch.manual_seed(seed * 1_000_003 + g)  # the micro-batch's own randomness, whichever process runs it
+        sync = micro == grad_accum - 1
+        with (nullcontext() if sync or not ddp else model.no_sync()), autocast:
+            out_ = model(batch)
+            loss = out_["loss"] / grad_accum
+        scaler.scale(loss).backward()
+        sums += torch.tensor([out_["loss"].item(), out_["text_loss"].item(), out_["image_loss"].item(),
+                              int((batch["tokens"] != tok.pad_id).sum()), out_["n_images"]], dtype=torch.float64)
+    if ddp:
+        dist.all_reduce(sums)
+    n_micro = grad_accum * world
+    loss_v, text_v, image_v = (sums[:3] / n_micro).tolist()
+    if not math.isfinite(loss_v):
+        msg = f"step {step}: loss is {loss_v}; stopping. " + (
+            f"The last good checkpoint is {ckpt_file} (step {last_good})." if last_good is not None
+            else "No checkpoint was written yet.")
+        if master:
+            log(dict(step=step, error=msg))
+            pbar.close()
+            print(msg, file=sys.stderr)
+        if ddp:
+            dist.destroy_process_group()
+        sys.exit(2)
+    # a parameter no micro-batch used has no gradient: make it zero so AdamW treats it the same everywhere
+    # (DDP with find_unused_parameters gives zeros on some ranks)
+    for p in raw_model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    lr_now = optimizer.param_groups[0]["lr"]
+    scheduler.step()
+    tokens_seen, images_seen = tokens_seen + int(sums[3]), images_seen + int(sums[4])
+    dt = time.time() - t0
+    pbar.set_postfix_str(f"loss {loss_v:.3f} text {text_v:.3f} img {image_v:.4f} {tokens_seen / dt:.0f} tok/s")
+    if (step + 1) % log_interval == 0 or step + 1 == max_steps or step == start_step:
+        log(dict(step=step + 1, loss=loss_v, text_loss=text_v, image_loss=image_v, lr=lr_now,
+                 tokens_per_s=tokens_seen / dt, images_per_s=images_seen / dt, time=dt))
+    done = step + 1 == max_steps
+    if (ckpt_interval and (step + 1) % ckpt_interval == 0) or done:
+        save_checkpoint(step + 1)
+        last_good = step + 1
+    if (eval_interval and (step + 1) % eval_interval == 0) or (done and eval_n > 0):
+        if master:
+            te = time.time()
+            metrics = evaluate(raw_model)
+            t0 += time.time() - te  # throughput counts training time only
+            log(dict(step=step + 1, eval=metrics, eval_time=time.time() - te))
+            tqdm.write(f"step {step + 1} eval: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        if ddp:
+            dist.barrier()
+pbar.close()
+if master:
+    print(f"done: {max_steps} steps, {time.time() - t0:.0f} s of training; data: " + stats.report())
+    print(f"checkpoint: {ckpt_file}; model for sample.py: {out}/model.safetensors")
+if ddp:
+    dist.destroy_process_group()
