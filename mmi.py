@@ -25,7 +25,6 @@ images FloatTensor [N, 3, H, W] in [0, 1] ordered by row then position (one per 
 (document index per row, -1 on padding; derived from <s> when absent). Other keys are ignored.
 """
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -468,8 +467,9 @@ class MMI(nn.Module):
         return (mean + (0.5 * logvar).exp() * torch.randn_like(mean)) * self.vae.scaling_factor
 
     def from_latent(self, z):
-        x = z if self.vae is None else self.vae.decode(z.to(next(self.vae.parameters()).dtype) / self.vae.scaling_factor)
-        return ((x.float() + 1) / 2).clamp(0, 1)
+        if self.vae is not None:
+            z = self.vae.decode(z.to(next(self.vae.parameters()).dtype) / self.vae.scaling_factor)
+        return ((z.float() + 1) / 2).clamp(0, 1)
 
     def decoder_values(self, dec_values, shapes, prev):
         """MMFS values of the previous image of each image to generate (prev = index or -1)."""
@@ -695,7 +695,7 @@ class MMI(nn.Module):
         llm_mmfs = [p for n, p in self.llm.named_parameters() if ".inserted." in n]
         parts_p = dict(
             vit=list(self.adapter.vit.parameters()),
-            adapter=[p for p in self.adapter.parameters() if id(p) not in {id(q) for q in self.adapter.vit.parameters()}],
+            adapter=[p for n, p in self.adapter.named_parameters() if not n.startswith("vit.")],
             resampler=[*self.vis_proj.parameters(), *self.vis_ln1.parameters(), *self.vis_ln2.parameters(),
                        *self.resampler.parameters()],
             llm=[p for n, p in self.llm.named_parameters() if ".inserted." not in n],
