@@ -269,9 +269,7 @@ class MMI(nn.Module):
         super().__init__()
         self.cfg = cfg
         # (1) image tokenizer: ViT + adapter -> tokens and 4 maps; Linear -> LN + 2D sin-cos -> LN -> resampler
-        if vit is None:  # from scratch (tiny world): CLIP's init of the class token (vit.py leaves it empty)
-            vit = VisionTransformer(CLIPVisionConfig(**cfg.vision))
-            nn.init.normal_(vit.embeddings.class_embedding, std=vit.cfg.hidden_size ** -0.5)
+        vit = vit or VisionTransformer(CLIPVisionConfig(**cfg.vision))
         self.adapter = ViTAdapter(vit, **cfg.adapter)
         Dv, self.grid = vit.cfg.hidden_size, vit.cfg.image_size // vit.cfg.patch_size
         self.llm = llm or LLaMA(LLaMAConfig(**cfg.llm))
@@ -302,7 +300,7 @@ class MMI(nn.Module):
         self.dec_norm_q = nn.ModuleList(nn.LayerNorm(c) for c, _ in taps)
         self.dec_mmfs = nn.ModuleList(
             MMFS(c, Dv, cfg.dec_mmfs_heads, 4, cfg.dec_mmfs_points, head_dim=cfg.dec_mmfs_head_dim,
-                 offset_init=cfg.dec_mmfs_offset_init, base_grid=(self.latent // s, self.latent // s))
+                 offset_init=cfg.dec_mmfs_offset_init, max_images=1, base_grid=(self.latent // s, self.latent // s))
             for c, s in taps)
         # ControlNet-style zero-initialised 1x1 convs, written as the per-pixel Linear they are (faster on a CPU)
         self.dec_zero = nn.ModuleList(nn.Linear(c, c) for c, _ in taps)
