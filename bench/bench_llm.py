@@ -31,18 +31,21 @@ BIG_HF = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hi
               num_attention_heads=32, num_key_value_heads=4, rms_norm_eps=1e-5, max_position_embeddings=2048)
 
 
-def best_time(fn, repeats=3):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+def timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def best_of(fn_ours, fn_ref, repeats):
+    """Best time of each, ours and theirs alternating so a change in machine load hits both alike."""
+    fn_ours(), fn_ref()  # warm-up
+    times = [(fn_ours(), fn_ref()) for _ in range(repeats)]
+    return min(t[0] for t in times), min(t[1] for t in times)
 
 
 @torch.inference_mode()
-def bench_speed(B=1, T=256, steps=32, kv_heads=None):
+def bench_speed(B=1, T=128, steps=16, kv_heads=None, repeats=5):
     import transformers
 
     hf_cfg = dict(SPEED_HF, num_key_value_heads=kv_heads or SPEED_HF["num_key_value_heads"])
@@ -71,15 +74,14 @@ def bench_speed(B=1, T=256, steps=32, kv_heads=None):
             nxt, past = out.logits[:, -1].argmax(-1, keepdim=True), out.past_key_values
         return time.perf_counter() - t0
 
-    fwd_ours, fwd_ref = best_time(lambda: ours(x)), best_time(lambda: ref(x))
-    dec_ours = min(decode_ours() for _ in range(3))
-    dec_ref = min(decode_ref() for _ in range(3))
+    fwd_ours, fwd_ref = best_of(lambda: timed(lambda: ours(x)), lambda: timed(lambda: ref(x)), repeats)
+    dec_ours, dec_ref = best_of(decode_ours, decode_ref, repeats)
     print(f"speed: {n_params / 1e6:.0f}M params, n_kv_heads={hf_cfg['num_key_value_heads']}, fp32, "
-          f"B={B} T={T}, {steps} decode steps, torch threads={torch.get_num_threads()}")
+          f"B={B} T={T}, {steps} decode steps, best of {repeats}, torch threads={torch.get_num_threads()}", flush=True)
     print(f"  forward  ours {B * T / fwd_ours:8.1f} tok/s   transformers {B * T / fwd_ref:8.1f} tok/s   "
           f"time ratio ours/theirs {fwd_ours / fwd_ref:.2f}")
     print(f"  decode   ours {B * steps / dec_ours:8.1f} tok/s   transformers {B * steps / dec_ref:8.1f} tok/s   "
-          f"time ratio ours/theirs {dec_ours / dec_ref:.2f}")
+          f"time ratio ours/theirs {dec_ours / dec_ref:.2f}", flush=True)
 
 
 def write_random_checkpoint(folder, hf_cfg, fmt, shard_bytes=1 << 30):
@@ -164,7 +166,7 @@ def bench_memory(tmp_root=None):
                   f"peak RSS {r['peak'] / 2**30:.2f} GiB (of which {baseline / 2**30:.2f} GiB is python+torch "
                   f"before loading), ratio {r['peak'] / disk:.2f}, "
                   f"excluding the import baseline {(r['peak'] - baseline) / disk:.2f}; load {r['seconds']:.1f} s "
-                  f"(peak at the end of from_pretrained {r['after_load'] / 2**30:.2f} GiB)")
+                  f"(peak at the end of from_pretrained {r['after_load'] / 2**30:.2f} GiB)", flush=True)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
