@@ -192,9 +192,16 @@ class MMFS(nn.Module):
             nn.init.zeros_(self.query_proj.bias)
             nn.init.trunc_normal_(self.image_embed.weight, std=0.02)
 
-    def forward(self, query, reference_points, value, spatial_shapes, visible=None):
+    def project_values(self, value):
+        """[..., value_dim] image features -> [..., n_heads*head_dim], the values MMFS samples from. Projection is
+        per position, so an image's projection does not depend on the other images or the queries: decoding
+        projects each image once and passes the result to every later call with value_projected=True."""
+        return self.value_proj(value)
+
+    def forward(self, query, reference_points, value, spatial_shapes, visible=None, value_projected=False):
         """query [B, Q, query_dim]; reference_points [B, Q, 2] or [Q, 2], (x, y) in [0, 1];
-        value [B, N, S, value_dim], each image's levels flattened and concatenated (S = sum H_l*W_l);
+        value [B, N, S, value_dim], each image's levels flattened and concatenated (S = sum H_l*W_l), or with
+        value_projected=True already project_values(value) [B, N, S, n_heads*head_dim];
         spatial_shapes [L, 2] (H, W) of one image's levels; visible [B, Q, N] bool (None: all visible; without
         the null key every query must see some image). Returns [B, Q, out_dim]."""
         B, Q, _ = query.shape
@@ -208,7 +215,8 @@ class MMFS(nn.Module):
 
         # Values: project every image, then fold images into the level axis (image n, level l -> level n*L + l),
         # which makes multi-image attention plain multi-scale deformable attention over N*L levels.
-        v = self.value_proj(value).view(B, N * S, M, self.head_dim)
+        v = value if value_projected else self.project_values(value)
+        v = v.reshape(B, N * S, M, self.head_dim)
         shapes = spatial_shapes.repeat(N, 1)                                      # (N*L, 2)
 
         offsets, logits = self._heads(query, visible)  # (B, Q, N or 1, M*Lo*P*2), (B, Q, N or 1, M*L*P)

@@ -1,5 +1,5 @@
 """MMFS and its deformable-attention op: the op against the formula of kernel.md, gradients, and the module's semantics
-(visibility, joint softmax, image recency, null key, batch independence, adapter mode)."""
+(visibility, joint softmax, image recency, null key, batch independence, adapter mode, pre-projected values)."""
 import itertools
 import math
 import sys
@@ -334,6 +334,21 @@ def test_batch_entries_are_independent():
     for b in range(2):
         one = m(q[b:b + 1], ref[b:b + 1], v[b:b + 1], SHAPES, vis[b:b + 1])
         torch.testing.assert_close(one[0], both[b], rtol=1e-12, atol=1e-12)
+
+
+def test_pre_projected_values_give_the_same_output_bit_for_bit():
+    # Decoding projects each image once (project_values) and reuses it for every token: the same result exactly.
+    for dtype in (torch.float64, torch.float32):
+        m = tiny_mmfs().to(dtype)
+        q, ref, v = (t.to(dtype) for t in inputs())
+        vis = torch.rand(2, 4, 3, generator=torch.Generator().manual_seed(6)) > 0.3
+        raw = m(q, ref, v, SHAPES, vis)
+        projected = m.project_values(v)
+        assert projected.shape == (2, 3, S, m.n_heads * m.head_dim)
+        assert torch.equal(m(q, ref, projected, SHAPES, vis, value_projected=True), raw)
+        # per position: projecting one image at a time and stacking them is the same values
+        one_by_one = torch.stack([m.project_values(v[:, n]) for n in range(3)], 1)
+        torch.testing.assert_close(one_by_one, projected, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-6)
 
 
 def test_gradients_reach_every_parameter_and_input():
