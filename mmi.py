@@ -227,9 +227,11 @@ class Resampler(nn.Module):
 @dataclass
 class VisualContext:
     """What the MMFS layers of one LLM call read (the `ctx` that LLaMA.forward_hidden passes through)."""
-    values: torch.Tensor   # (B, N, S, Dv) levels 2-4 of each row's images, flattened; N = most images in a row
-    shapes: torch.Tensor   # (L, 2) (H, W) of the levels
-    visible: torch.Tensor  # (B, T, N) bool: token t sees image n (same document, at or after its first <|image|>)
+    values: torch.Tensor | None  # (B, N, S, Dv) levels 2-4 of each row's images, flattened; N = most images in a row
+    shapes: torch.Tensor         # (L, 2) (H, W) of the levels
+    visible: torch.Tensor        # (B, T, N) bool: token t sees image n (same document, at or after its first <|image|>)
+    projected: dict | None = None  # GatedMMFS -> its project_values(values) (B, N, S, heads*head_dim), when already
+                                   # known (generation projects each image once, not once per token; values: None)
 
 
 class GatedMMFS(nn.Module):
@@ -242,12 +244,17 @@ class GatedMMFS(nn.Module):
                          offset_init=cfg.mmfs_offset_init, max_images=cfg.max_images, base_grid=grid)
         self.gate = nn.Parameter(torch.zeros(1))
 
+    def project_values(self, values):
+        """Visual features [..., Dv] -> the values MMFS samples from [..., heads*head_dim] (per position)."""
+        return self.mmfs.project_values(self.norm_v(values))
+
     def forward(self, h, ctx: VisualContext | None):
         g = torch.tanh(self.gate)
-        if ctx is None or ctx.values.shape[1] == 0:  # no image anywhere: every token reads the null key = the bias
+        if ctx is None or ctx.visible.shape[-1] == 0:  # no image anywhere: every token reads the null key = the bias
             return h + (g * self.mmfs.output_proj.bias).to(h.dtype)
         ref = h.new_full((1, 2), 0.5, dtype=torch.float32)  # reference point: the image centre
-        y = self.mmfs(self.norm_q(h), ref, self.norm_v(ctx.values), ctx.shapes, ctx.visible)
+        v = ctx.projected[self] if ctx.projected is not None else self.project_values(ctx.values)
+        y = self.mmfs(self.norm_q(h), ref, v, ctx.shapes, ctx.visible, value_projected=True)
         return h + (g * y).to(h.dtype)
 
 
@@ -709,20 +716,28 @@ class MMI(nn.Module):
 
 
 class _Session:
-    """State of one interleaved generation (batch 1): tokens, image features, KV cache, final hidden states."""
+    """State of one interleaved generation (batch 1): tokens, image features, KV cache, final hidden states.
+    With the cache (use_cache), each LLM MMFS layer also keeps its projected values: an image is normed and projected
+    once per layer when it enters the context (add_image), not again for every token decoded after it."""
 
     def __init__(self, model: MMI, use_cache, max_len):
         self.m, self.max_len = model, max_len
         self.tokens, self.embeds, self.llm_values, self.dec_values, self.hidden = [], [], [], [], []
         p = next(model.parameters())
         self.cache = model.llm.new_cache(1, max_len) if use_cache else None
+        self.projected = {}  # GatedMMFS -> (n_images, S, heads*head_dim), only with the cache
         self.device = p.device
 
     def add_image(self, img01):
         emb, maps = self.m.encode_images(img01[None].to(self.device))
         self.embeds.append(emb)
-        self.llm_values.append(self.m.flatten_maps(maps[1:]))
+        values, shapes = self.m.flatten_maps(maps[1:])
+        self.llm_values.append((values, shapes))
         self.dec_values.append(self.m.flatten_maps(maps))
+        if self.cache is not None:  # extend every layer's projected values by the new image
+            for layer in (b.inserted for b in self.m.llm.layers if b.inserted is not None):
+                p = layer.project_values(values)                                  # (1, S, heads*head_dim)
+                self.projected[layer] = torch.cat([self.projected[layer], p]) if layer in self.projected else p
 
     def feed(self, new):
         """Run the LLM over new tokens (prefill or decode) -> logits of the last one [V + 2]."""
@@ -732,22 +747,28 @@ class _Session:
         n_slots = int((toks == m.cfg.image_id).sum()) // m.cfg.n_image_tokens  # images already in the sequence
         emb = torch.cat(self.embeds[:n_slots]) if n_slots else None
         x = m.embed(toks, emb)                                                   # (1, T, D)
-        lay = m.layout(toks)
-        values, shapes = None, None
-        if lay["n_max"] and self.llm_values:  # a BoI just fed has no image yet: zeros that no token can see
-            values = torch.cat([v for v, _ in self.llm_values])
-            missing = lay["n_max"] - values.shape[0]
-            values = torch.cat([values, values.new_zeros(missing, *values.shape[1:])]) if missing else values
-            shapes = self.llm_values[0][1]
-        ctx = m.visual_context(lay, values, shapes, 1)
-        if self.cache is not None:  # only the new positions; MMFS visibility rows of those positions
-            if ctx is not None:
-                ctx.visible = ctx.visible[:, T0:]
+        ctx = self.visual_context(m.layout(toks), T0)
+        if self.cache is not None:  # only the new positions
             h = m.llm.forward_hidden(embeds=x[:, T0:], cache=self.cache, ctx=ctx)
         else:                       # recompute everything (the reference the cache is tested against)
             h = m.llm.forward_hidden(embeds=x, ctx=ctx)[:, T0:]
         self.hidden.append(h[0])
         return m.logits(h[0, -1])
+
+    def visual_context(self, lay, T0):
+        """MMFS context of the positions fed this call: T0 on with the cache (the projected values of add_image),
+        all of them without. A BoI just fed has no image yet: its slot is zeros that no token can see."""
+        if not (lay["n_max"] and self.llm_values):
+            return None
+
+        def per_row(x):  # (n_images, S, C) -> (1, n_max, S, C)
+            missing = lay["n_max"] - x.shape[0]
+            return (torch.cat([x, x.new_zeros(missing, *x.shape[1:])]) if missing else x)[None]
+        shapes = self.llm_values[0][1]
+        if self.cache is None:
+            return VisualContext(per_row(torch.cat([v for v, _ in self.llm_values])), shapes, lay["visible"])
+        projected = {layer: per_row(p) for layer, p in self.projected.items()}
+        return VisualContext(None, shapes, lay["visible"][:, T0:], projected)
 
     def draw(self, steps, sampler, guidance, generator):
         """Generate the image whose BoI was just fed; MMFS reads the previous image of the document."""

@@ -1,8 +1,9 @@
 """mmi.py: the assembled MM-Interleaved model. Micro configs of the same classes; CPU; seconds each.
 
 Proofs: zero gates / zero convs leave LLaMA and U-Net unchanged; image visibility in packed sequences; KV-cache
-generation = recompute; an interleaved two-image prompt runs end to end; one batch overfits (both losses); save/load
-round trip; the official preset builds on the meta device (parameter counts)."""
+generation = recompute, projecting each image's MMFS values once per layer; an interleaved two-image prompt runs end
+to end; one batch overfits (both losses); save/load round trip; the official preset builds on the meta device
+(parameter counts)."""
 import random
 
 import pytest
@@ -181,6 +182,36 @@ def test_generation_cache_equals_recompute_and_interleaves():
     assert all(isinstance(x, str) for x in text_only)
     t2i = model.generate(["a red circle"], tok, max_new_tokens=2, max_images=1, begin_image=True, steps=2)
     assert isinstance(t2i[0], torch.Tensor) and t2i[0].shape == (3, 16, 16)
+
+
+def test_generation_projects_each_image_once_per_mmfs_layer():
+    # With the cache, an LLM MMFS layer norms + projects an image once, when it enters the context, and reuses it
+    # for every later token; the recompute path projects all images at every call. Same logits either way.
+    model = micro(live=True, **{"llm.n_layers": 3, "mmfs_every": 2})  # MMFS in layers 0 and 2
+    tok = model.tokenizer()
+    layers = [b.inserted for b in model.llm.layers if b.inserted is not None]
+    calls = {}
+    hooks = [g.mmfs.value_proj.register_forward_hook(lambda mod, a, out, i=i: calls.update({i: calls.get(i, 0) + 1}))
+             for i, g in enumerate(layers)]
+    ids, imgs = model.encode_document([images(1, 1)[0], "a red", images(1, 2)[0], "then"], tok, eos=False)
+    new = [ord(c) for c in "xyz"]                                # three decode steps
+    sessions, logits = {}, {}
+    for use_cache in (True, False):
+        calls.clear()
+        s = sessions[use_cache] = mmi._Session(model, use_cache, 256)
+        for img in imgs:
+            s.add_image(img)
+        logits[use_cache] = [s.feed(ids)] + [s.feed([t]) for t in new]
+        boi = s.feed([model.cfg.boi_id])                         # a BoI whose image is not drawn yet
+        s.add_image(images(1, 3)[0])                             # ... now it is: the cache grows by one image
+        logits[use_cache] += [boi, s.feed([model.cfg.image_id] * model.cfg.n_image_tokens), s.feed([new[0]])]
+        feeds = 1 + len(new) + 3
+        assert calls == ({0: 3, 1: 3} if use_cache else {0: feeds, 1: feeds}), (use_cache, calls)
+    for h in hooks:
+        h.remove()
+    assert len(layers) == 2 and sessions[True].projected[layers[0]].shape[0] == 3
+    for a, b in zip(logits[True], logits[False]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_overfit_one_batch_both_losses():
