@@ -451,16 +451,24 @@ class MMI(nn.Module):
         x = x + sincos_1d(L, x.shape[-1], x.device, x.dtype)
         return self.dec_resampler(x, ar < lens[:, None])
 
-    def denoise(self, x, t, cond, values, visible):
+    def project_decoder_values(self, values):
+        """values [n, 1, S, Dv] -> what each U-Net MMFS samples from: its projection of the LayerNormed values."""
+        v = self.dec_norm_v(values)
+        return [mmfs.project_values(v) for mmfs in self.dec_mmfs]
+
+    def denoise(self, x, t, cond, values, visible, projected=None):
         """U-Net prediction with MMFS residuals on the skips and mid block (official "MMFS in the UNet").
-        values [n, 1, S, Dv] flattened 4 adapter levels of the previous image, visible [n] bool."""
+        values ([n, 1, S, Dv] flattened 4 adapter levels of the previous image, shapes), visible [n] bool;
+        projected: project_decoder_values(values[0]) when already known (sampling: once for all steps)."""
         skips, mid, emb = self.unet.down(x, t, cond)
-        v, shapes = self.dec_norm_v(values[0]), values[1]
+        shapes = values[1]
+        projected = projected if projected is not None else self.project_decoder_values(values[0])
         feats = []
-        for f, norm, mmfs, conv in zip([*skips, mid], self.dec_norm_q, self.dec_mmfs, self.dec_zero):
+        for f, norm, mmfs, conv, v in zip([*skips, mid], self.dec_norm_q, self.dec_mmfs, self.dec_zero, projected):
             B, C, H, W = f.shape
             q = norm(f.flatten(2).transpose(1, 2)) + sincos_2d(H, W, C, f.device, f.dtype)  # (B, H*W, C)
-            y = mmfs(q, pixel_centres(H, W, f.device), v, shapes, visible[:, None, None].expand(B, H * W, 1))
+            y = mmfs(q, pixel_centres(H, W, f.device), v, shapes, visible[:, None, None].expand(B, H * W, 1),
+                     value_projected=True)
             feats.append(f + conv(y).transpose(1, 2).reshape(B, C, H, W).to(f.dtype))
         return self.unet.up(feats[:-1], feats[-1], emb, cond)
 
@@ -527,22 +535,23 @@ class MMI(nn.Module):
     @torch.no_grad()
     def sample_images(self, cond, values, visible, steps=30, sampler="ddpm", guidance=7.5, generator=None):
         """cond [n, Q, C] -> images [n, 3, H, W] in [0, 1]; the unconditional branch uses the null condition and
-        the same MMFS features (official)."""
+        the same MMFS features (official), projected once for all steps."""
         n = cond.shape[0]
         ch = self.unet.cfg.in_channels
         noise = torch.randn(n, ch, self.latent, self.latent, generator=generator, device=cond.device,
                             dtype=self.unet.conv_in.weight.dtype)
+        projected = self.project_decoder_values(values[0])
         if guidance != 1.0:
             null = self.null_cond.to(cond.dtype).expand(n, -1, -1)
-            cond2, values2 = torch.cat([cond, null]), (torch.cat([values[0], values[0]]), values[1])
-            visible2 = torch.cat([visible, visible])
+            cond2, visible2 = torch.cat([cond, null]), torch.cat([visible, visible])
+            projected2 = [torch.cat([p, p]) for p in projected]
 
             def fn(x, t):
-                c, u = self.denoise(torch.cat([x, x]), torch.cat([t, t]), cond2, values2, visible2).chunk(2)
+                c, u = self.denoise(torch.cat([x, x]), torch.cat([t, t]), cond2, values, visible2, projected2).chunk(2)
                 return cfg_combine(c, u, guidance)
         else:
             def fn(x, t):
-                return self.denoise(x, t, cond, values, visible)
+                return self.denoise(x, t, cond, values, visible, projected)
         return self.from_latent(self.schedule.sample(fn, noise, steps=steps, sampler=sampler, generator=generator))
 
     @torch.no_grad()

@@ -212,6 +212,15 @@ def test_generation_projects_each_image_once_per_mmfs_layer():
     assert len(layers) == 2 and sessions[True].projected[layers[0]].shape[0] == 3
     for a, b in zip(logits[True], logits[False]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # Image sampling: each U-Net MMFS projects the previous image once for all denoising steps (both CFG branches).
+    calls.clear()
+    hooks = [m.value_proj.register_forward_hook(lambda mod, a, out, i=i: calls.update({i: calls.get(i, 0) + 1}))
+             for i, m in enumerate(model.dec_mmfs)]
+    sessions[True].feed([model.cfg.boi_id])
+    sessions[True].draw(steps=3, sampler="ddim", guidance=2.0, generator=None)
+    for h in hooks:
+        h.remove()
+    assert calls == {i: 1 for i in range(len(model.dec_mmfs))}
 
 
 def test_overfit_one_batch_both_losses():
