@@ -64,6 +64,8 @@ class MMIConfig:
     res_heads: int = 12
     res_cross_every: int = 2
     res_dropout: float = 0.1
+    res_init_std: float = 0.02          # resampler Linear weights (official 0.02)
+    res_out_std: float = 1e-3           # resampler output projection into the LLM (official N(0, 1e-3))
     # MMFS in the LLM (official: every 4th layer from 0, 16 heads x 64, 3 levels, 8 points, offsets +-3, 50 images)
     mmfs_every: int = 4
     mmfs_heads: int = 16
@@ -71,6 +73,7 @@ class MMIConfig:
     mmfs_points: int = 8
     mmfs_offset_init: float = 3.0
     max_images: int = 50
+    mmfs_gate_init: float = 0.0         # tanh gate of the LLM MMFS (official 0: the LLM starts unchanged)
     # image decoder (official: 1-layer resampler, 77 queries, 1024 wide, 16 heads; MMFS 16 heads, 4 levels,
     # 8 points, offsets +-1; 512 px; null condition for 10% of images; loss weight 10)
     dec_queries: int = 77
@@ -139,11 +142,15 @@ PRESETS = {
                   cross_attention_dim=64, norm_num_groups=8, sample_size=32),
         vae=None,
         schedule=dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-                      prediction_type="epsilon", timestep_spacing="leading", clip_sample=True),
+                      # tiny-only: v-prediction; epsilon draws noise after a few hundred steps at 32 px
+                      prediction_type="v_prediction", timestep_spacing="leading", clip_sample=True),
         n_image_tokens=16, res_dim=64, res_layers=2, res_heads=4, res_dropout=0.0,
+        res_init_std=0.125, res_out_std=0.1,  # tiny-only: from scratch the media must get through from step 0
         mmfs_every=2, mmfs_heads=4, mmfs_head_dim=16, mmfs_points=2, mmfs_offset_init=1.0, max_images=8,
+        mmfs_gate_init=1.0,  # tiny-only: open gates (a zero-init gate stays near 0 for hundreds of steps)
         dec_queries=16, dec_dim=64, dec_heads=4, dec_mmfs_heads=4, dec_mmfs_head_dim=16, dec_mmfs_points=2,
-        image_size=32, freeze_vit=False, freeze_llm=False, lr=1e-3, lr_unet=1e-3, lr_offsets=1e-4),
+        image_size=32, freeze_vit=False, freeze_llm=False, lr=1e-3, lr_unet=1e-3,
+        lr_offsets=1e-3),  # tiny-only: offsets learn where to look at the lr of the rest (official 10x lower)
 }
 
 
@@ -199,7 +206,7 @@ class Resampler(nn.Module):
     """n learned queries read a variable-length media sequence -> [B, n, out_dim] (Flamingo / BLIP-2 style)."""
 
     def __init__(self, n_queries, dim, n_layers, n_heads, media_dim, out_dim, cross_every=1, qk_norm=False,
-                 dropout=0.0, out_std=0.02):
+                 dropout=0.0, out_std=0.02, init_std=0.02):
         super().__init__()
         self.queries = nn.Parameter(torch.zeros(n_queries, dim))
         self.ln_q, self.drop = nn.LayerNorm(dim), nn.Dropout(dropout)
@@ -208,7 +215,7 @@ class Resampler(nn.Module):
         self.out = nn.Linear(dim, out_dim)
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.trunc_normal_(m.weight, std=init_std)
                 nn.init.zeros_(m.bias)
         nn.init.trunc_normal_(self.queries, std=0.02)
         nn.init.normal_(self.out.weight, std=out_std)  # official image resampler: N(0, 1e-3) into the LLM
@@ -242,7 +249,7 @@ class GatedMMFS(nn.Module):
         self.norm_q, self.norm_v = RMSNorm(dim, eps), RMSNorm(vis_dim, eps)
         self.mmfs = MMFS(dim, vis_dim, cfg.mmfs_heads, 3, cfg.mmfs_points, head_dim=cfg.mmfs_head_dim, out_dim=dim,
                          offset_init=cfg.mmfs_offset_init, max_images=cfg.max_images, base_grid=grid)
-        self.gate = nn.Parameter(torch.zeros(1))
+        self.gate = nn.Parameter(torch.full((1,), float(cfg.mmfs_gate_init)))
 
     def project_values(self, values):
         """Visual features [..., Dv] -> the values MMFS samples from [..., heads*head_dim] (per position)."""
@@ -284,7 +291,8 @@ class MMI(nn.Module):
         self.vis_proj, self.vis_ln1, self.vis_ln2 = nn.Linear(Dv, cfg.res_dim), nn.LayerNorm(cfg.res_dim), \
             nn.LayerNorm(cfg.res_dim)
         self.resampler = Resampler(cfg.n_image_tokens, cfg.res_dim, cfg.res_layers, cfg.res_heads, cfg.res_dim, D,
-                                   cfg.res_cross_every, qk_norm=True, dropout=cfg.res_dropout, out_std=1e-3)
+                                   cfg.res_cross_every, qk_norm=True, dropout=cfg.res_dropout, out_std=cfg.res_out_std,
+                                   init_std=cfg.res_init_std)
         # (2) LLM: MMFS in layers 0, k, 2k, ...; BoI embedding = frozen base row + learnable zero-init vector;
         # LM head + 2 rows (frozen part: weight 0, bias -100; trainable Linear: weight 0, bias 95 -> BoI logit -5)
         for i in range(0, self.llm.cfg.n_layers, cfg.mmfs_every):

@@ -22,6 +22,7 @@ MICRO = {
                  down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
                  up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], attention_head_dim=[2, 2],
                  cross_attention_dim=32, norm_num_groups=8, sample_size=16),
+    "mmfs_gate_init": 0.0,  # official-style zero gates (the tiny preset opens them; see mmi.PRESETS)
     "n_image_tokens": 4, "res_dim": 32, "res_layers": 2, "res_heads": 2, "mmfs_every": 1, "mmfs_heads": 2,
     "mmfs_head_dim": 16, "mmfs_points": 2, "max_images": 4, "dec_queries": 4, "dec_dim": 32, "dec_heads": 2,
     "dec_mmfs_heads": 2, "dec_mmfs_head_dim": 16, "dec_mmfs_points": 2, "image_size": 16,
