@@ -27,8 +27,9 @@ from weights import CheckpointError
 
 ROOT = Path(__file__).resolve().parent
 p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--ckpt", default=str(ROOT / "assets" / "tiny"),
-               help="folder with model.safetensors + config.json (train.py's out_dir), or 'random'")
+p.add_argument("--ckpt", default="",
+               help="folder with model.safetensors + config.json (train.py's out_dir), or 'random'; default: "
+                    "assets/tiny, or the untrained new modules on the official components when they are given")
 p.add_argument("--preset", default="tiny", help="model preset for --ckpt=random / official components")
 p.add_argument("--clip_path", default="", help="official CLIP folder (with --llm_path and --sd_path)")
 p.add_argument("--llm_path", default="")
@@ -47,7 +48,11 @@ p.add_argument("--steps", type=int, default=25, help="diffusion steps per image"
 p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale (1 = none)")
 p.add_argument("--device", default="cpu")
 p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default); tiny models run "
+               "fastest on 1 (more threads cost more in synchronisation than they gain)")
 args = p.parse_args()
+if args.threads:
+    torch.set_num_threads(args.threads)
 
 
 def fail(msg):
@@ -108,6 +113,10 @@ if args.device.startswith("cuda") and not torch.cuda.is_available():
     fail(f"--device={args.device} but CUDA is not available")
 dtype = getattr(torch, args.dtype)
 components = (args.clip_path, args.llm_path, args.sd_path)
+if any(components) and not all(components):
+    fail("official components need all of --clip_path, --llm_path and --sd_path")
+if not args.ckpt:
+    args.ckpt = "random" if all(components) else str(ROOT / "assets" / "tiny")
 torch.manual_seed(args.seed)
 t0 = time.time()
 try:

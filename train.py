@@ -1,7 +1,9 @@
 """
 Train MM-Interleaved: the tiny model on the synthetic world (default), or the official one on real corpora.
 
-    python train.py                                   # tiny preset, synthetic world, CPU, ~15 minutes on 2 cores
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 train.py   # tiny preset, synthetic world: the
+        # shipped assets/tiny (seed 0, ~14 minutes on 2 CPU cores; 2 processes of 1 thread beat 1 process of 2)
+    python train.py --grad_accum=2                    # the same run in one process (same global batch), ~2x slower
     python train.py --max_steps=50 --eval_interval=25 --out_dir=out-try     # a short try
     python train.py --out_dir=out-tiny --resume=True  # continue exactly where the last checkpoint stopped
     python train.py --n_image_tokens=8 --llm.n_layers=6                    # model-config overrides (mmi.MMIConfig)
@@ -45,12 +47,13 @@ seed = 0
 resume = False
 # data: "" = the synthetic world of data.py; else comma-separated .jsonl corpora (data.CorpusDataset)
 data_paths = ""
+kinds = "t2i:0.35,i2t:0.35,qa:0.15,story:0.15"  # synthetic document mixture (tilted to the two targets)
 seq_len = 256
-batch_size = 8             # rows per micro-batch per process
+batch_size = 4             # rows per micro-batch per process
 grad_accum = 1             # micro-batches per step per process; global batch = batch_size * grad_accum * world
 num_workers = 0
 # optimisation: AdamW on model.param_groups (per-group lr from the model config, scaled by the schedule)
-max_steps = 1000
+max_steps = 620            # tiny: ~14 minutes on 2 CPU cores (2 processes x 1 thread)
 lr = 0.0                   # 0: the model config's lr / lr_unet / lr_offsets; else one lr scales all three alike
 weight_decay = 0.01
 beta1, beta2, eps = 0.9, 0.99, 1e-8
@@ -63,7 +66,7 @@ device = "cpu"             # "cpu", "cuda", "cuda:1", ...
 dtype = "float32"          # "float32", "bfloat16" or "float16" (autocast; fp16 uses a GradScaler)
 compile = False
 grad_checkpointing = False
-threads = 0                # torch CPU threads, 0 = torch's default
+threads = 1                # torch CPU threads per process, 0 = torch's default (tiny: 1; use processes)
 # official components (preset "official"): folders for mmi.MMI.from_components
 clip_path = llm_path = sd_path = ""
 # logging, evaluation, checkpoints
@@ -155,7 +158,10 @@ ckpt = None
 if resume:
     if not ckpt_file.exists():
         raise SystemExit(f"error: --resume=True but there is no checkpoint at {ckpt_file}")
-    ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=False)
+    try:  # plain tensors and Python containers only (weights_only=True): never unpickle arbitrary objects
+        ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: cannot read checkpoint {ckpt_file}: {str(e).splitlines()[0]}")
     model_overrides = ckpt["model_overrides"]  # the architecture comes from the checkpoint
 if preset == "official":
     if not (clip_path and llm_path and sd_path):
@@ -203,8 +209,8 @@ if ckpt is not None:
     start_step = ckpt["step"]
     rng = ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0]
     torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
+    np.random.set_state(("MT19937", rng["numpy_key"].numpy().astype(np.uint32), *rng["numpy_rest"]))
+    random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
 
 raw_model = model  # what gets saved: never the compiled or DDP wrapper (no "_orig_mod." / "module." keys)
 if compile:
@@ -227,8 +233,13 @@ if data_paths:
     corpus = data.CorpusDataset(data_paths.split(","), tok, mcfg.boi_id, mcfg.image_id, mcfg.n_image_tokens, seq_len,
                                 image_size=mcfg.image_size, seed=seed, rank=rank, world_size=world)
 else:
+    try:
+        mix = {k: float(w) for k, w in (kw.split(":") for kw in kinds.split(","))}
+        assert mix and set(mix) <= set(data.KINDS)
+    except (ValueError, AssertionError):
+        raise SystemExit(f"error: --kinds expects e.g. 't2i:0.3,i2t:0.3,qa:0.2,story:0.2', got {kinds!r}")
     synth = data.SyntheticDataset(tok, mcfg.boi_id, mcfg.image_id, mcfg.n_image_tokens, seq_len, seed=seed,
-                                  image_size=mcfg.image_size)
+                                  image_size=mcfg.image_size, kinds=mix)
 data_pos = dict(ckpt["data_pos"]) if ckpt is not None else dict(epoch=0, micro=0)
 
 
@@ -298,7 +309,9 @@ def evaluate(m, n=eval_n, kinds=eval_kinds):
 # checkpoints: written to a temporary file, then renamed, so a crash never leaves a broken one
 
 def save_checkpoint(step):
-    rng = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())
+    _, key, *rest = np.random.get_state()  # stored as tensors and numbers so that weights_only loading works
+    rng = dict(torch=torch.get_rng_state(), numpy_key=torch.from_numpy(key.astype(np.int64)), numpy_rest=list(rest),
+               python=list(random.getstate()))
     rngs = [None] * world
     if ddp:
         dist.all_gather_object(rngs, rng)

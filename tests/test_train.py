@@ -51,9 +51,18 @@ def test_resume_is_exact(tmp_path):
     for step in a:
         assert a[step] == pytest.approx(b[step], abs=1e-6), step
     assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "resumed"), 1e-6)
-    ck = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=False)
+    ck = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)
     assert ck["step"] == 4 and not any(k.startswith(("_orig_mod.", "module.")) for k in ck["model"])
     assert {"optimizer", "scheduler", "rng", "data_pos"} <= ck.keys()
+
+
+def test_corrupt_checkpoint_is_one_clear_error(tmp_path):
+    out = tmp_path / "c"
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes(b"truncated")
+    p = run(["--resume=True", "--max_steps=1"], out, check=False)
+    assert p.returncode != 0 and "cannot read checkpoint" in p.stderr and str(out / "ckpt.pt") in p.stderr
+    assert "Traceback" not in p.stderr
 
 
 def test_ddp_two_processes_equal_one(tmp_path):
@@ -77,7 +86,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     msg = [line for line in p.stderr.splitlines() if "loss is" in line]
     assert msg and msg[0].startswith("step "), p.stderr[-2000:]
     bad_step = int(msg[0].split()[1].rstrip(":"))
-    ck = torch.load(out / "ckpt.pt", weights_only=False)  # intact, and from before the bad step
+    ck = torch.load(out / "ckpt.pt", weights_only=True)  # intact, and from before the bad step
     assert ck["step"] == bad_step and f"(step {bad_step})" in msg[0]
     assert not list(out.glob(".*.tmp"))
 
