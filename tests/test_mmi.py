@@ -29,14 +29,6 @@ MICRO = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():  # the test machine is shared: several intra-op threads per process slow tiny models 10x
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def micro(seed=0, live=False, **overrides):
     """A micro model; live=True opens the gates and zero convs so MMFS paths actually matter."""
     torch.manual_seed(seed)

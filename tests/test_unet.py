@@ -25,14 +25,6 @@ SCHED = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_
              steps_offset=1, set_alpha_to_one=False, clip_sample=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():  # the test machine is shared: several intra-op threads per process slow tiny models 10x
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def randomize(model, seed):  # diffusers zero-initialises some outputs; random values make parity meaningful
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
