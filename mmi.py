@@ -12,7 +12,7 @@ Public API
     cfg = MMIConfig.from_name("tiny", n_image_tokens=8, **{"llm.n_layers": 6})  # presets: "official", "tiny"
     model = MMI(cfg)                           # random init (tiny: everything trainable, from scratch)
     model = MMI.from_components(clip=..., llm=..., sd=...)   # official folders, paper freezing
-    tok = model.tokenizer()                    # ByteTokenizer / LLaMA Tokenizer with <|beginofimage|>, <|image|>
+    tok = model.tokenizer()                    # byte / SentencePiece tokenizer + <|beginofimage|>, <|image|>
     ids, images = model.encode_document(["a caption", pil_image, "more text"], tok)   # the sequence format
     out = model(batch)                         # dict: loss, text_loss, image_loss, n_text, n_images
     items = model.generate(["prompt", pil_image, "text"], tok, ...)   # list of str / image tensors [3,H,W] in [0,1]
@@ -54,7 +54,8 @@ class MMIConfig:
     unet: dict = field(default_factory=lambda: asdict(UNetConfig()))           # unet.UNetConfig fields
     vae: dict | None = field(default_factory=lambda: asdict(VAEConfig()))      # None: diffusion in pixel space
     schedule: dict = field(default_factory=dict)                               # unet.NoiseSchedule arguments
-    tokenizer: str = "byte"            # "byte" (ByteTokenizer) or a SentencePiece tokenizer.model path
+    tokenizer: str = "byte"            # "byte" (ByteTokenizer), "world" (assets/world.model), "llama" (the LLM
+                                       # folder's tokenizer.model) or a SentencePiece tokenizer.model path
     pad_id: int | None = None          # None: the tokenizer's own (official: 31999)
     # image tokenizer: Q-Former-style Perceiver resampler (official: 64 tokens, 768 wide, 12 layers, 12 heads,
     # cross-attention in layers 0, 2, ..., qk-norm, dropout 0.1)
@@ -135,7 +136,8 @@ PRESETS = {
                     patch_size=8, image_size=32, layer_norm_eps=1e-5, num_channels=3, hidden_act="quick_gelu"),
         adapter=dict(n_blocks=2, n_heads=4, n_points=4, deform_ratio=0.5, cffn_ratio=0.25, n_extra_extractors=0,
                      spm_channels=16),  # maps 16, 8, 4, 2 px for 32 px images
-        llm=dict(vocab_size=259, dim=128, n_layers=4, n_heads=4, hidden_dim=352, norm_eps=1e-5, max_seq_len=512),
+        tokenizer="world",  # 440-piece SentencePiece BPE of the synthetic world (assets/make_world_tokenizer.py)
+        llm=dict(vocab_size=440, dim=128, n_layers=4, n_heads=4, hidden_dim=352, norm_eps=1e-5, max_seq_len=512),
         unet=dict(in_channels=3, out_channels=3, block_out_channels=[32, 64], layers_per_block=1,
                   down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],  # attention at 16x16 only: CPU time
                   up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], attention_head_dim=[2, 4],
@@ -347,8 +349,9 @@ class MMI(nn.Module):
         if self.cfg.tokenizer == "byte":
             tok = ByteTokenizer()
         else:
-            path = Path(self.cfg.components["llm"]) / "tokenizer.model" if self.cfg.tokenizer == "llama" \
-                else self.cfg.tokenizer
+            path = {"llama": lambda: Path(self.cfg.components["llm"]) / "tokenizer.model",
+                    "world": lambda: Path(__file__).parent / "assets" / "world.model"}.get(
+                self.cfg.tokenizer, lambda: self.cfg.tokenizer)()
             tok = Tokenizer(path)
         if tok.vocab_size != self.cfg.boi_id:
             raise ValueError(f"tokenizer has {tok.vocab_size} ids, the LLM {self.cfg.boi_id}")
@@ -471,12 +474,14 @@ class MMI(nn.Module):
         skips, mid, emb = self.unet.down(x, t, cond)
         shapes = values[1]
         projected = projected if projected is not None else self.project_decoder_values(values[0])
-        feats = []
+        feats, seen = [], visible.nonzero(as_tuple=True)[0]
         for f, norm, mmfs, conv, v in zip([*skips, mid], self.dec_norm_q, self.dec_mmfs, self.dec_zero, projected):
             B, C, H, W = f.shape
-            q = norm(f.flatten(2).transpose(1, 2)) + sincos_2d(H, W, C, f.device, f.dtype)  # (B, H*W, C)
-            y = mmfs(q, pixel_centres(H, W, f.device), v, shapes, visible[:, None, None].expand(B, H * W, 1),
-                     value_projected=True)
+            y = mmfs.output_proj.bias.expand(B, H * W, C)  # no previous image: MMFS reads only the null key
+            if len(seen):  # compute MMFS just for the images that have a previous image (exactly the same result)
+                q = norm(f[seen].flatten(2).transpose(1, 2)) + sincos_2d(H, W, C, f.device, f.dtype)  # (b, H*W, C)
+                y = y.index_copy(0, seen, mmfs(q, pixel_centres(H, W, f.device), v[seen], shapes,
+                                               q.new_ones(len(seen), H * W, 1, dtype=torch.bool), value_projected=True))
             feats.append(f + conv(y).transpose(1, 2).reshape(B, C, H, W).to(f.dtype))
         return self.unet.up(feats[:-1], feats[-1], emb, cond)
 

@@ -417,3 +417,17 @@ def test_bf16_module_runs_and_stays_close_to_fp64():
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     torch.testing.assert_close(out.double(), tiny_mmfs().to(torch.bfloat16).double()(q.bfloat16().double(), ref,
                                v.bfloat16().double(), SHAPES), rtol=0.05, atol=0.05)
+
+
+def test_max_images_bounds_what_a_token_sees_not_the_row():
+    """A packed row may hold more images than max_images (other documents' images are invisible); a token that sees
+    more than max_images is an error that says so."""
+    m = tiny_mmfs(max_images=2)
+    q, ref, v = inputs(B=1, Q=4, N=4)
+    visible = torch.zeros(1, 4, 4, dtype=torch.bool)
+    visible[0, :2, :2] = True   # document 1: images 0-1
+    visible[0, 2:, 2:] = True   # document 2: images 2-3
+    m(q, ref, v, SHAPES, visible)
+    visible[0, 3] = True        # a token that sees all four
+    with pytest.raises(ValueError, match="sees 4 images but max_images=2"):
+        m(q, ref, v, SHAPES, visible)

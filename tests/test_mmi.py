@@ -17,6 +17,7 @@ MICRO = {
     "vision": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=4,
                    image_size=16, layer_norm_eps=1e-5, num_channels=3, hidden_act="quick_gelu"),
     "adapter": dict(n_blocks=1, n_heads=2, n_points=2, n_extra_extractors=0, spm_channels=8),
+    "tokenizer": "byte",
     "llm": dict(vocab_size=259, dim=64, n_layers=2, n_heads=2, hidden_dim=128, norm_eps=1e-5, max_seq_len=256),
     "unet": dict(in_channels=3, out_channels=3, block_out_channels=[16, 32], layers_per_block=1,
                  down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
@@ -57,7 +58,7 @@ def pack(model, tok, docs):
 
 def test_config_presets_and_overrides():
     cfg = MMIConfig.from_name("tiny", n_image_tokens=8, **{"llm.n_layers": 6})
-    assert cfg.n_image_tokens == 8 and cfg.llm["n_layers"] == 6 and cfg.boi_id == 259 and cfg.image_id == 260
+    assert cfg.n_image_tokens == 8 and cfg.llm["n_layers"] == 6 and cfg.boi_id == 440 and cfg.image_id == 441
     off = MMIConfig.from_name("official")
     assert (off.boi_id, off.image_id, off.pad_id, off.n_image_tokens, off.image_loss_weight) == (32000, 32001, 31999,
                                                                                                  64, 10.0)
@@ -105,6 +106,29 @@ def test_zero_gates_leave_llama_and_unet_unchanged():
         dv, dshapes = model.flatten_maps(maps)
         vals, vis = model.decoder_values(dv, dshapes, torch.tensor([0, -1]))
         assert torch.equal(model.denoise(xt, t, cond, vals, vis), model.unet(xt, t, cond))
+
+
+def test_decoder_mmfs_reads_only_the_previous_image():
+    """U-Net MMFS: an image with a previous image reads it (and only it); one without reads the null key, i.e. the
+    same as MMFS over an invisible image; a batch mixing both equals each image denoised alone."""
+    model = micro(live=True)
+    _, maps = model.encode_images(images(2))
+    dv, dshapes = model.flatten_maps(maps)
+    xt, t, cond = torch.randn(3, 3, 16, 16), torch.tensor([10, 500, 900]), torch.randn(3, 4, 32)
+    vals, vis = model.decoder_values(dv, dshapes, torch.tensor([0, -1, 1]))
+    with torch.no_grad():
+        out = model.denoise(xt, t, cond, vals, vis)
+        for i in range(3):
+            one = model.denoise(xt[i:i + 1], t[i:i + 1], cond[i:i + 1], (vals[0][i:i + 1], dshapes), vis[i:i + 1])
+            assert torch.allclose(out[i:i + 1], one, atol=1e-5)
+        other = model.denoise(xt, t, cond, model.decoder_values(dv, dshapes, torch.tensor([1, -1, 0]))[0], vis)
+        assert torch.equal(out[1], other[1]) and not torch.allclose(out[0], other[0])
+        # no previous image == MMFS computed over an invisible image (the null key)
+        skip = model.dec_mmfs[0]
+        q = torch.randn(1, 5, skip.output_proj.out_features)
+        null = skip(q, torch.rand(5, 2), model.project_decoder_values(vals[0][:1])[0], dshapes,
+                    torch.zeros(1, 5, 1, dtype=torch.bool), value_projected=True)
+        assert torch.allclose(null, skip.output_proj.bias.expand(1, 5, -1))
 
 
 def test_visibility_in_packed_sequences():

@@ -242,3 +242,24 @@ def test_small_models_match_sentencepiece(case, tmp_path):
     for text in texts:
         assert t.encode(text, bos=False) == sp.encode(text), repr(text)
         assert t.decode(t.encode(text)) == sp.decode(sp.encode(text)), repr(text)
+
+
+def test_world_tokenizer_of_the_tiny_model():
+    """assets/world.model (the tiny preset's tokenizer): the same ids as sentencepiece on world texts and others,
+    every word of the synthetic world is one piece, and decode inverts encode."""
+    import sys
+    spm = pytest.importorskip("sentencepiece")
+    assets = Path(__file__).parent.parent / "assets"
+    sys.path.insert(0, str(assets))
+    from make_world_tokenizer import world_texts
+    import data
+    ours, spm = T.Tokenizer(assets / "world.model"), spm.SentencePieceProcessor(model_file=str(assets / "world.model"))
+    texts = list(world_texts(300, seed=1)) + random_texts(200)
+    for text in texts:
+        assert ours.encode(text, bos=False) == spm.encode(text), text
+        assert ours.decode(ours.encode(text)) == spm.decode(spm.encode(text))
+    words = {w for t in texts[:900] for w in t.replace(",", " ").replace(".", " ").replace("?", " ").split()}
+    assert {"red", "circle", "centre", "triangle", "disappears"} <= words
+    for w in words - {"question:", "answer:"}:
+        assert len(ours.encode(w, bos=False)) == 1, w
+    assert len(ours.encode(data.caption(data.make_scene({"top left": ("red", "circle")})), bos=False)) == 8
