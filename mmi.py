@@ -75,6 +75,7 @@ class MMIConfig:
     mmfs_offset_init: float = 3.0
     max_images: int = 50
     mmfs_gate_init: float = 0.0         # tanh gate of the LLM MMFS (official 0: the LLM starts unchanged)
+    use_mmfs: bool = True               # False: the ablation without MMFS, in the LLM and in the U-Net (paper Table 6)
     # image decoder (official: 1-layer resampler, 77 queries, 1024 wide, 16 heads; MMFS 16 heads, 4 levels,
     # 8 points, offsets +-1; 512 px; null condition for 10% of images; loss weight 10)
     dec_queries: int = 77
@@ -138,10 +139,12 @@ PRESETS = {
                      spm_channels=16),  # maps 16, 8, 4, 2 px for 32 px images
         tokenizer="world",  # 440-piece SentencePiece BPE of the synthetic world (assets/make_world_tokenizer.py)
         llm=dict(vocab_size=440, dim=128, n_layers=4, n_heads=4, hidden_dim=352, norm_eps=1e-5, max_seq_len=512),
-        unet=dict(in_channels=3, out_channels=3, block_out_channels=[32, 64], layers_per_block=1,
-                  down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],  # attention at 16x16 only: CPU time
-                  up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], attention_head_dim=[2, 4],
-                  cross_attention_dim=64, norm_num_groups=8, sample_size=32),
+        # 3 levels (32, 16, 8 px), attention at 16 and 8: a U-Net has no position embedding, only its zero padding
+        # tells a pixel where it is, and that reaches across the image at 8x8 (with 2 levels: blobs drawn anywhere)
+        unet=dict(in_channels=3, out_channels=3, block_out_channels=[32, 64, 64], layers_per_block=1,
+                  down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                  up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                  attention_head_dim=[2, 4, 4], cross_attention_dim=64, norm_num_groups=8, sample_size=32),
         vae=None,
         schedule=dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
                       # tiny-only: v-prediction; epsilon draws noise after a few hundred steps at 32 px
@@ -297,7 +300,7 @@ class MMI(nn.Module):
                                    init_std=cfg.res_init_std)
         # (2) LLM: MMFS in layers 0, k, 2k, ...; BoI embedding = frozen base row + learnable zero-init vector;
         # LM head + 2 rows (frozen part: weight 0, bias -100; trainable Linear: weight 0, bias 95 -> BoI logit -5)
-        for i in range(0, self.llm.cfg.n_layers, cfg.mmfs_every):
+        for i in range(0, self.llm.cfg.n_layers, cfg.mmfs_every) if cfg.use_mmfs else []:
             self.llm.insert(i, GatedMMFS(D, Dv, cfg, self.llm.cfg.norm_eps, self.grid))
         self.register_buffer("boi_base", torch.randn(D) * 0.02)  # stands for the resized table's new row
         self.boi = nn.Parameter(torch.zeros(D))
@@ -313,7 +316,7 @@ class MMI(nn.Module):
         self.vae = vae if vae is not None else AutoencoderKL(VAEConfig.from_dict(cfg.vae)) if cfg.vae else None
         self.latent = cfg.image_size // (8 if self.vae is not None else 1)
         self.dec_norm_v = nn.LayerNorm(Dv)  # values: LayerNorm over all four adapter levels of the previous image
-        taps = _skip_channels(ucfg)
+        taps = _skip_channels(ucfg) if cfg.use_mmfs else []
         self.dec_norm_q = nn.ModuleList(nn.LayerNorm(c) for c, _ in taps)
         self.dec_mmfs = nn.ModuleList(
             MMFS(c, Dv, cfg.dec_mmfs_heads, 4, cfg.dec_mmfs_points, head_dim=cfg.dec_mmfs_head_dim,
@@ -472,6 +475,8 @@ class MMI(nn.Module):
         values ([n, 1, S, Dv] flattened 4 adapter levels of the previous image, shapes), visible [n] bool;
         projected: project_decoder_values(values[0]) when already known (sampling: once for all steps)."""
         skips, mid, emb = self.unet.down(x, t, cond)
+        if not self.dec_mmfs:  # use_mmfs=False: the plain U-Net
+            return self.unet.up(skips, mid, emb, cond)
         shapes = values[1]
         projected = projected if projected is not None else self.project_decoder_values(values[0])
         feats, seen = [], visible.nonzero(as_tuple=True)[0]

@@ -2,8 +2,8 @@
 Train MM-Interleaved: the tiny model on the synthetic world (default), or the official one on real corpora.
 
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 train.py   # tiny preset, synthetic world: the
-        # shipped assets/tiny (seed 0, ~14 minutes on 2 CPU cores; 2 processes of 1 thread beat 1 process of 2)
-    python train.py --grad_accum=2                    # the same run in one process (same global batch), ~2x slower
+        # shipped assets/tiny (seed 0, ~14.5 minutes on 2 CPU cores; 2 processes of 1 thread beat 1 process of 2)
+    python train.py --grad_accum=2                    # the same run in one process (same global batch), ~1.6x slower
     python train.py --max_steps=50 --eval_interval=25 --out_dir=out-try     # a short try
     python train.py --out_dir=out-tiny --resume=True  # continue exactly where the last checkpoint stopped
     python train.py --n_image_tokens=8 --llm.n_layers=6                    # model-config overrides (mmi.MMIConfig)
@@ -47,13 +47,13 @@ seed = 0
 resume = False
 # data: "" = the synthetic world of data.py; else comma-separated .jsonl corpora (data.CorpusDataset)
 data_paths = ""
-kinds = "t2i:0.35,i2t:0.35,qa:0.15,story:0.15"  # synthetic document mixture (tilted to the two targets)
-seq_len = 256
+kinds = "i2t:0.7,qa:0.1,t2i:0.1,story:0.1"  # synthetic document mixture (documents, not compute: see README)
+seq_len = 128              # tiny: short rows; MMFS samples every image of a row for every token of it
 batch_size = 4             # rows per micro-batch per process
 grad_accum = 1             # micro-batches per step per process; global batch = batch_size * grad_accum * world
 num_workers = 0
 # optimisation: AdamW on model.param_groups (per-group lr from the model config, scaled by the schedule)
-max_steps = 620            # tiny: ~14 minutes on 2 CPU cores (2 processes x 1 thread)
+max_steps = 1550           # tiny: ~14.5 minutes on 2 CPU cores (2 processes x 1 thread)
 lr = 0.0                   # 0: the model config's lr / lr_unet / lr_offsets; else one lr scales all three alike
 weight_decay = 0.01
 beta1, beta2, eps = 0.9, 0.99, 1e-8

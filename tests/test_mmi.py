@@ -11,7 +11,8 @@ import torch
 
 import mmi
 from llm import LLaMA, LLaMAConfig
-from mmi import MMI, MMIConfig
+from mmfs import MMFS
+from mmi import MMI, GatedMMFS, MMIConfig
 
 MICRO = {
     "vision": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=4,
@@ -129,6 +130,28 @@ def test_decoder_mmfs_reads_only_the_previous_image():
         null = skip(q, torch.rand(5, 2), model.project_decoder_values(vals[0][:1])[0], dshapes,
                     torch.zeros(1, 5, 1, dtype=torch.bool), value_projected=True)
         assert torch.allclose(null, skip.output_proj.bias.expand(1, 5, -1))
+
+
+def test_without_mmfs_is_the_plain_models():
+    """use_mmfs=False (the ablation): no MMFS layer anywhere; the LLM is plain LLaMA, the decoder the plain U-Net,
+    and a training step still runs and trains."""
+    model = micro(use_mmfs=False)
+    assert not any(isinstance(m, (GatedMMFS, MMFS)) for m in model.llm.modules()) and len(model.dec_mmfs) == 0
+    tok = model.tokenizer()
+    batch = pack(model, tok, [["a red circle", images(1)[0], "moves", images(1, 1)[0]]])
+    emb, maps = model.encode_images(batch["images"])
+    plain = LLaMA(LLaMAConfig(**model.cfg.llm)).eval()
+    plain.load_state_dict(model.llm.state_dict())
+    x = model.embed(batch["tokens"], emb)
+    xt, t, cond = torch.randn(1, 3, 16, 16), torch.tensor([10]), torch.randn(1, 4, 32)
+    dv, dshapes = model.flatten_maps(maps)
+    vals, vis = model.decoder_values(dv, dshapes, torch.tensor([0]))
+    with torch.no_grad():
+        assert torch.equal(model.llm(embeds=x), plain(embeds=x))
+        assert torch.equal(model.denoise(xt, t, cond, vals, vis), model.unet(xt, t, cond))
+    out = model.train()(batch)
+    out["loss"].backward()
+    assert out["n_images"] == 2 and model.unet.conv_in.weight.grad.abs().sum() > 0
 
 
 def test_visibility_in_packed_sequences():
