@@ -171,7 +171,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch_size", type=int, default=4)
-    ap.add_argument("--seq_len", type=int, default=256)
+    ap.add_argument("--seq_len", type=int, default=128)
     ap.add_argument("--n", type=int, default=3, help="timed repetitions")
     ap.add_argument("--only", choices=["step", "generate", "mmfs"], default=None)
     args = ap.parse_args()
