@@ -352,9 +352,11 @@ class MMI(nn.Module):
         if self.cfg.tokenizer == "byte":
             tok = ByteTokenizer()
         else:
-            path = {"llama": lambda: Path(self.cfg.components["llm"]) / "tokenizer.model",
-                    "world": lambda: Path(__file__).parent / "assets" / "world.model"}.get(
-                self.cfg.tokenizer, lambda: self.cfg.tokenizer)()
+            path = self.cfg.tokenizer
+            if path == "llama":
+                path = Path(self.cfg.components["llm"]) / "tokenizer.model"
+            elif path == "world":
+                path = Path(__file__).parent / "assets" / "world.model"
             tok = Tokenizer(path)
         if tok.vocab_size != self.cfg.boi_id:
             raise ValueError(f"tokenizer has {tok.vocab_size} ids, the LLM {self.cfg.boi_id}")
