@@ -468,26 +468,28 @@ class MMI(nn.Module):
         return self.dec_resampler(x, ar < lens[:, None])
 
     def project_decoder_values(self, values):
-        """values [n, 1, S, Dv] -> what each U-Net MMFS samples from: its projection of the LayerNormed values."""
+        """values [n, 1, S, Dv] of the images that have a previous image -> what each U-Net MMFS samples from: its
+        projection of the LayerNormed values."""
         v = self.dec_norm_v(values)
         return [mmfs.project_values(v) for mmfs in self.dec_mmfs]
 
     def denoise(self, x, t, cond, values, visible, projected=None):
         """U-Net prediction with MMFS residuals on the skips and mid block (official "MMFS in the UNet").
         values ([n, 1, S, Dv] flattened 4 adapter levels of the previous image, shapes), visible [n] bool;
-        projected: project_decoder_values(values[0]) when already known (sampling: once for all steps)."""
+        projected: project_decoder_values(values[0][visible]) when already known (sampling: once for all steps)."""
         skips, mid, emb = self.unet.down(x, t, cond)
         if not self.dec_mmfs:  # use_mmfs=False: the plain U-Net
             return self.unet.up(skips, mid, emb, cond)
         shapes = values[1]
-        projected = projected if projected is not None else self.project_decoder_values(values[0])
-        feats, seen = [], visible.nonzero(as_tuple=True)[0]
+        seen = visible.nonzero(as_tuple=True)[0]
+        projected = projected if projected is not None else self.project_decoder_values(values[0][seen])
+        feats = []
         for f, norm, mmfs, conv, v in zip([*skips, mid], self.dec_norm_q, self.dec_mmfs, self.dec_zero, projected):
             B, C, H, W = f.shape
             y = mmfs.output_proj.bias.expand(B, H * W, C)  # no previous image: MMFS reads only the null key
             if len(seen):  # compute MMFS just for the images that have a previous image (exactly the same result)
                 q = norm(f[seen].flatten(2).transpose(1, 2)) + sincos_2d(H, W, C, f.device, f.dtype)  # (b, H*W, C)
-                y = y.index_copy(0, seen, mmfs(q, pixel_centres(H, W, f.device), v[seen], shapes,
+                y = y.index_copy(0, seen, mmfs(q, pixel_centres(H, W, f.device), v, shapes,
                                                q.new_ones(len(seen), H * W, 1, dtype=torch.bool), value_projected=True))
             feats.append(f + conv(y).transpose(1, 2).reshape(B, C, H, W).to(f.dtype))
         return self.unet.up(feats[:-1], feats[-1], emb, cond)
@@ -560,7 +562,7 @@ class MMI(nn.Module):
         ch = self.unet.cfg.in_channels
         noise = torch.randn(n, ch, self.latent, self.latent, generator=generator, device=cond.device,
                             dtype=self.unet.conv_in.weight.dtype)
-        projected = self.project_decoder_values(values[0])
+        projected = self.project_decoder_values(values[0][visible])
         if guidance != 1.0:
             null = self.null_cond.to(cond.dtype).expand(n, -1, -1)
             cond2, visible2 = torch.cat([cond, null]), torch.cat([visible, visible])
