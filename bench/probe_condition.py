@@ -1,0 +1,167 @@
+"""
+Where text-to-image gets stuck in the tiny model: the tiny U-Net trained on the synthetic world (t2i only, no ViT)
+under different condition paths, then scored per cell on 30 held-out scenes (DDIM 25 steps, no guidance).
+
+  cells     oracle: one token per grid cell = cell + colour + shape embeddings (an empty cell: cell + "none")
+  objects   oracle: one token per object = cell + colour + shape embeddings, zero tokens up to 4
+  objects_resampler  the object tokens -> the model's decoder resampler (mask on the zero tokens)
+  words     the caption's token embeddings + 1D sin-cos, straight into the U-Net (nothing binds words to objects)
+  resampler the same embeddings -> the model's context projection + sin-cos -> decoder resampler
+  llm       the model's path minus the ViT: a fresh tiny LLM (LM loss + image loss) -> projection -> resampler
+  llm_qa    as llm, and the LM also learns text-only question answering about the caption (the same scenes)
+  llm_conv  as llm, with a causal Conv1d (kernel 8) over the LLM states before the projection
+  shipped   the shipped model's LLM (trained, frozen) -> fresh projection -> resampler
+
+    python bench/probe_condition.py cells                 # ~5 min on one core (300 steps x 20 images)
+    python bench/probe_condition.py llm --steps=900
+"""
+import argparse
+import os
+import random
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+from llm import LLaMA, LLaMAConfig  # noqa: E402
+from mmi import MMI, MMIConfig, Resampler, sincos_1d  # noqa: E402
+from unet import NoiseSchedule, UNet, UNetConfig  # noqa: E402
+
+MODES = ("cells", "objects", "objects_resampler", "words", "resampler", "llm", "llm_qa", "llm_conv", "shipped")
+COLOURS, SHAPES = list(data.COLOURS), list(data.SHAPES)
+
+
+class Condition(nn.Module):
+    """scenes -> (U-Net context [B, T, C], LM loss) along one of MODES."""
+
+    def __init__(self, mode, cfg: MMIConfig, C, queries, out_std=0.02):
+        super().__init__()
+        self.mode, self.cfg, self.qa_rng = mode, cfg, random.Random(1)
+        self.tok = MMI(cfg).tokenizer()
+        D, V = cfg.llm["dim"], cfg.llm["vocab_size"]
+        if mode.startswith("objects") or mode == "cells":
+            E = D if mode == "objects_resampler" else C
+            self.cell, self.colour, self.shape = nn.Embedding(9, E), nn.Embedding(6, E), nn.Embedding(4, E)
+            if mode == "objects_resampler":
+                self.resampler = Resampler(queries, cfg.dec_dim, cfg.dec_layers, cfg.dec_heads, D, C, out_std=out_std)
+            return
+        if mode.startswith("llm"):
+            self.llm = LLaMA(LLaMAConfig(**cfg.llm))
+        elif mode == "shipped":
+            self.shipped = [MMI.load(os.path.join(os.path.dirname(__file__), "..", "assets", "tiny")).eval()
+                            .requires_grad_(False)]  # a list: not a submodule, so not trained
+        else:
+            self.emb = nn.Embedding(V + 2, D)
+        self.proj = nn.Linear(D, D) if mode != "words" else nn.Linear(D, C)
+        if mode == "llm_conv":
+            self.conv = nn.Conv1d(D, D, 8)
+        if mode != "words":
+            self.resampler = Resampler(queries, cfg.dec_dim, cfg.dec_layers, cfg.dec_heads, D, C, out_std=out_std)
+
+    def _ids(self, scene):
+        c = [COLOURS.index(o[0]) + 1 if o else 0 for o in scene]
+        s = [SHAPES.index(o[1]) + 1 if o else 0 for o in scene]
+        return torch.tensor(c), torch.tensor(s)
+
+    def qa_loss(self, scenes):
+        """LM loss on text-only documents: caption, then 1-3 questions about it and their answers."""
+        rng = self.qa_rng
+        docs = [self.tok.encode(" ".join([data.caption(s)] + [f"question: {q} answer: {a}" for q, a in
+                                         (data.qa_pair(rng, s) for _ in range(rng.randint(1, 3)))]), bos=True, eos=True)
+                for s in scenes]
+        T = max(map(len, docs))
+        x = torch.tensor([d + [-100] * (T - len(d)) for d in docs])
+        h = self.llm.forward_hidden(x.clamp(min=0))
+        return F.cross_entropy(self.llm.lm_head(h[:, :-1]).flatten(0, 1), x[:, 1:].flatten(), ignore_index=-100)
+
+    def forward(self, scenes):
+        if self.mode == "cells":
+            c, s = map(torch.stack, zip(*map(self._ids, scenes)))                 # (B, 9) each
+            return self.cell.weight + self.colour(c) + self.shape(s), 0.0
+        if self.mode.startswith("objects"):
+            out = torch.zeros(len(scenes), data.MAX_SHAPES, self.cell.embedding_dim)
+            for b, scene in enumerate(scenes):
+                c, s = self._ids(scene)
+                cells = [i for i, o in enumerate(scene) if o]
+                out[b, :len(cells)] = self.cell.weight[cells] + self.colour(c[cells]) + self.shape(s[cells])
+            if self.mode == "objects_resampler":
+                return self.resampler(out, out.abs().sum(-1) > 0), 0.0
+            return out, 0.0
+        ids = [self.tok.encode(data.caption(s), bos=True) + [self.cfg.boi_id] for s in scenes]
+        T, lens = max(map(len, ids)), torch.tensor([len(i) for i in ids])
+        x = torch.tensor([i + [0] * (T - len(i)) for i in ids])                    # (B, T), 0-padded
+        lm = torch.zeros(())
+        if self.mode.startswith("llm"):
+            h = self.llm.forward_hidden(x.clamp(max=self.cfg.llm["vocab_size"] - 1))  # BoI read as the last id
+            tgt = x[:, 1:].masked_fill(torch.arange(T - 1) >= lens[:, None] - 2, -100)  # caption tokens only
+            lm = F.cross_entropy(self.llm.lm_head(h[:, :-1]).flatten(0, 1), tgt.flatten(), ignore_index=-100)
+            if self.mode == "llm_qa" and self.training:
+                lm = lm + self.qa_loss(scenes)
+        elif self.mode == "shipped":
+            with torch.no_grad():
+                m = self.shipped[0]
+                h = m.llm.forward_hidden(embeds=m.embed(x))
+        else:
+            h = self.emb(x)
+        if self.mode == "llm_conv":  # causal: each state also sees the 7 before it
+            h = h + self.conv(F.pad(h.transpose(1, 2), (7, 0))).transpose(1, 2)
+        ar = torch.arange(T)
+        h = h[torch.arange(len(ids))[:, None], (lens[:, None] - 1 - ar).clamp(min=0)]  # reversed: BoI first
+        mask = ar < lens[:, None]
+        if self.mode == "words":  # no mask in the U-Net's cross-attention: padding -> zero keys and values
+            return self.proj(h + sincos_1d(T, h.shape[-1])) * mask[..., None], lm
+        return self.resampler(self.proj(h) + sincos_1d(T, h.shape[-1]), mask), lm
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=MODES)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch", type=int, default=20)
+    p.add_argument("--queries", type=int, default=16)
+    p.add_argument("--out_std", type=float, default=0.02, help="init std of the decoder resampler's output Linear")
+    p.add_argument("--image_loss_weight", type=float, default=10.0)
+    p.add_argument("--n_eval", type=int, default=30)
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg = MMIConfig.from_name("tiny")
+    unet, sched = UNet(UNetConfig.from_dict(cfg.unet)), NoiseSchedule(**cfg.schedule)
+    cond = Condition(a.mode, cfg, unet.cfg.cross_attention_dim, a.queries, a.out_std)
+    opt = torch.optim.AdamW([*unet.parameters(), *cond.parameters()], lr=1e-3, betas=(0.9, 0.99), weight_decay=0.01)
+    rng, t0 = random.Random(0), time.time()
+    for step in range(a.steps):
+        scenes = [data.random_scene(rng) for _ in range(a.batch)]
+        x0 = torch.stack([data.to_tensor(data.render(s)) for s in scenes]) * 2 - 1
+        noise, t = torch.randn_like(x0), torch.randint(0, sched.N, (a.batch,))
+        ctx, lm = cond(scenes)
+        image_loss = F.mse_loss(unet(sched.add_noise(x0, noise, t), t, ctx), sched.target(x0, noise, t))
+        opt.zero_grad()
+        (lm + a.image_loss_weight * image_loss).backward()
+        for g in opt.param_groups:
+            g["lr"] = 1e-3 * min(1, (step + 1) / 30)
+        opt.step()
+        if step % 50 == 0 or step == a.steps - 1:
+            print(f"step {step} image loss {image_loss.item():.4f} lm {float(lm.detach() if torch.is_tensor(lm) else lm):.3f} {time.time() - t0:.0f} s",
+                  flush=True)
+    unet.eval(), cond.eval()
+    cells, occupied = [], []
+    with torch.no_grad():
+        exs = data.eval_examples("t2i", a.n_eval)
+        ctx, _ = cond([e["scene"] for e in exs])
+        noise = torch.randn(len(exs), 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        imgs = sched.sample(lambda x, t: unet(x, t, ctx), noise, steps=25, sampler="ddim")
+        for e, im in zip(exs, ((imgs + 1) / 2).clamp(0, 1)):
+            pred = data.parse_image(im)
+            cells.append(data.cell_accuracy(pred, e["scene"]))
+            occupied.append(data.cell_accuracy(pred, e["scene"], occupied_only=True))
+    print(f"{a.mode}: {a.steps} steps x {a.batch} images, held-out per-cell {sum(cells) / len(cells):.3f}, "
+          f"occupied cells {sum(occupied) / len(occupied):.3f}, {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
