@@ -14,6 +14,7 @@ under different condition paths, then scored per cell on 30 held-out scenes (DDI
 
     python bench/probe_condition.py cells                 # ~5 min on one core (300 steps x 20 images)
     python bench/probe_condition.py llm --steps=900
+    python bench/probe_condition.py llm_conv --direct     # no resampler: states -> Linear + sin-cos -> U-Net
 """
 import argparse
 import os
@@ -38,7 +39,7 @@ COLOURS, SHAPES = list(data.COLOURS), list(data.SHAPES)
 class Condition(nn.Module):
     """scenes -> (U-Net context [B, T, C], LM loss) along one of MODES."""
 
-    def __init__(self, mode, cfg: MMIConfig, C, queries, out_std=0.02):
+    def __init__(self, mode, cfg: MMIConfig, C, queries, out_std=0.02, init_std=0.02, direct=False, qk_norm=False):
         super().__init__()
         self.mode, self.cfg, self.qa_rng = mode, cfg, random.Random(1)
         self.tok = MMI(cfg).tokenizer()
@@ -47,7 +48,8 @@ class Condition(nn.Module):
             E = D if mode == "objects_resampler" else C
             self.cell, self.colour, self.shape = nn.Embedding(9, E), nn.Embedding(6, E), nn.Embedding(4, E)
             if mode == "objects_resampler":
-                self.resampler = Resampler(queries, cfg.dec_dim, cfg.dec_layers, cfg.dec_heads, D, C, out_std=out_std)
+                self.resampler = Resampler(queries, cfg.dec_dim, cfg.dec_layers, cfg.dec_heads, D, C,
+                                           out_std=out_std, init_std=init_std, qk_norm=qk_norm)
             return
         if mode.startswith("llm"):
             self.llm = LLaMA(LLaMAConfig(**cfg.llm))
@@ -56,11 +58,13 @@ class Condition(nn.Module):
                             .requires_grad_(False)]  # a list: not a submodule, so not trained
         else:
             self.emb = nn.Embedding(V + 2, D)
-        self.proj = nn.Linear(D, D) if mode != "words" else nn.Linear(D, C)
+        self.direct = direct = direct or mode == "words"
+        self.proj = nn.Linear(D, C) if direct else nn.Linear(D, D)
         if mode == "llm_conv":
             self.conv = nn.Conv1d(D, D, 8)
-        if mode != "words":
-            self.resampler = Resampler(queries, cfg.dec_dim, cfg.dec_layers, cfg.dec_heads, D, C, out_std=out_std)
+        if not direct:
+            self.resampler = Resampler(queries, cfg.dec_dim, cfg.dec_layers, cfg.dec_heads, D, C,
+                                       out_std=out_std, init_std=init_std, qk_norm=qk_norm)
 
     def _ids(self, scene):
         c = [COLOURS.index(o[0]) + 1 if o else 0 for o in scene]
@@ -112,7 +116,7 @@ class Condition(nn.Module):
         ar = torch.arange(T)
         h = h[torch.arange(len(ids))[:, None], (lens[:, None] - 1 - ar).clamp(min=0)]  # reversed: BoI first
         mask = ar < lens[:, None]
-        if self.mode == "words":  # no mask in the U-Net's cross-attention: padding -> zero keys and values
+        if self.direct:  # no mask in the U-Net's cross-attention: padding -> zero keys and values
             return self.proj(h + sincos_1d(T, h.shape[-1])) * mask[..., None], lm
         return self.resampler(self.proj(h) + sincos_1d(T, h.shape[-1]), mask), lm
 
@@ -123,15 +127,20 @@ def main():
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=20)
     p.add_argument("--queries", type=int, default=16)
+    p.add_argument("--direct", action="store_true", help="no decoder resampler (word and LLM modes)")
+    p.add_argument("--qk_norm", action="store_true", help="qk-norm in the decoder resampler (as the image resampler)")
+    p.add_argument("--layers", type=int, default=None, help="decoder resampler layers (default: the tiny preset's)")
     p.add_argument("--out_std", type=float, default=0.02, help="init std of the decoder resampler's output Linear")
+    p.add_argument("--init_std", type=float, default=0.02, help="init std of the decoder resampler's other Linears")
     p.add_argument("--image_loss_weight", type=float, default=10.0)
     p.add_argument("--n_eval", type=int, default=30)
     a = p.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    cfg = MMIConfig.from_name("tiny")
+    cfg = MMIConfig.from_name("tiny", **({} if a.layers is None else {"dec_layers": a.layers}))
     unet, sched = UNet(UNetConfig.from_dict(cfg.unet)), NoiseSchedule(**cfg.schedule)
-    cond = Condition(a.mode, cfg, unet.cfg.cross_attention_dim, a.queries, a.out_std)
+    cond = Condition(a.mode, cfg, unet.cfg.cross_attention_dim, a.queries, a.out_std, a.init_std,
+                     a.direct, a.qk_norm)
     opt = torch.optim.AdamW([*unet.parameters(), *cond.parameters()], lr=1e-3, betas=(0.9, 0.99), weight_decay=0.01)
     rng, t0 = random.Random(0), time.time()
     for step in range(a.steps):
@@ -146,8 +155,8 @@ def main():
             g["lr"] = 1e-3 * min(1, (step + 1) / 30)
         opt.step()
         if step % 50 == 0 or step == a.steps - 1:
-            print(f"step {step} image loss {image_loss.item():.4f} lm {float(lm.detach() if torch.is_tensor(lm) else lm):.3f} {time.time() - t0:.0f} s",
-                  flush=True)
+            lm = float(lm.detach() if torch.is_tensor(lm) else lm)
+            print(f"step {step} image loss {image_loss.item():.4f} lm {lm:.3f} {time.time() - t0:.0f} s", flush=True)
     unet.eval(), cond.eval()
     cells, occupied = [], []
     with torch.no_grad():
