@@ -4,6 +4,7 @@ under different condition paths, then scored per cell on 30 held-out scenes (DDI
 
   cells     oracle: one token per grid cell = cell + colour + shape embeddings (an empty cell: cell + "none")
   objects   oracle: one token per object = cell + colour + shape embeddings, zero tokens up to 4
+  objects_mlp  the object tokens -> a per-token MLP (LayerNorm, Linear, GELU, Linear): learned, but no pooling
   objects_resampler  the object tokens -> the model's decoder resampler (mask on the zero tokens)
   words     the caption's token embeddings + 1D sin-cos, straight into the U-Net (nothing binds words to objects)
   resampler the same embeddings -> the model's context projection + sin-cos -> decoder resampler
@@ -32,7 +33,8 @@ from llm import LLaMA, LLaMAConfig  # noqa: E402
 from mmi import MMI, MMIConfig, Resampler, sincos_1d  # noqa: E402
 from unet import NoiseSchedule, UNet, UNetConfig  # noqa: E402
 
-MODES = ("cells", "objects", "objects_resampler", "words", "resampler", "llm", "llm_qa", "llm_conv", "shipped")
+MODES = ("cells", "objects", "objects_mlp", "objects_resampler", "words", "resampler", "llm", "llm_qa", "llm_conv",
+         "shipped")
 COLOURS, SHAPES = list(data.COLOURS), list(data.SHAPES)
 
 
@@ -45,8 +47,10 @@ class Condition(nn.Module):
         self.tok = MMI(cfg).tokenizer()
         D, V = cfg.llm["dim"], cfg.llm["vocab_size"]
         if mode.startswith("objects") or mode == "cells":
-            E = D if mode == "objects_resampler" else C
+            E = C if mode in ("cells", "objects") else D
             self.cell, self.colour, self.shape = nn.Embedding(9, E), nn.Embedding(6, E), nn.Embedding(4, E)
+            if mode == "objects_mlp":
+                self.mlp = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, 4 * D), nn.GELU(), nn.Linear(4 * D, C))
             if mode == "objects_resampler":
                 self.resampler = Resampler(queries, cfg.dec_dim, cfg.dec_layers, cfg.dec_heads, D, C,
                                            out_std=out_std, init_std=init_std, qk_norm=qk_norm)
@@ -94,6 +98,8 @@ class Condition(nn.Module):
                 out[b, :len(cells)] = self.cell.weight[cells] + self.colour(c[cells]) + self.shape(s[cells])
             if self.mode == "objects_resampler":
                 return self.resampler(out, out.abs().sum(-1) > 0), 0.0
+            if self.mode == "objects_mlp":  # zero tokens stay zero
+                return self.mlp(out) * (out.abs().sum(-1, keepdim=True) > 0), 0.0
             return out, 0.0
         ids = [self.tok.encode(data.caption(s), bos=True) + [self.cfg.boi_id] for s in scenes]
         T, lens = max(map(len, ids)), torch.tensor([len(i) for i in ids])
