@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-import mmi
+import generate
 from llm import LLaMA, LLaMAConfig
 from mmfs import MMFS
 from mmi import MMI, GatedMMFS, MMIConfig
@@ -238,7 +238,7 @@ def test_generation_projects_each_image_once_per_mmfs_layer():
     sessions, logits = {}, {}
     for use_cache in (True, False):
         calls.clear()
-        s = sessions[use_cache] = mmi._Session(model, use_cache, 256)
+        s = sessions[use_cache] = generate.Session(model, use_cache, 256)
         for img in imgs:
             s.add_image(img)
         logits[use_cache] = [s.feed(ids)] + [s.feed([t]) for t in new]
