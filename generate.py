@@ -117,12 +117,9 @@ class Session:
         h = torch.cat(self.hidden)[None]                                          # (1, T, D)
         i = len(lay["pos"]) - 1                                                   # the image being drawn
         cond = m.condition(h, lay["rows"][i:], lay["start"][i:], lay["pos"][i:])
-        prev = lay["prev"][i:]
-        dec = torch.cat([v for v, _ in self.dec_values]) if self.dec_values else \
-            cond.new_zeros(1, 1, m.adapter.vit.cfg.hidden_size)
-        shapes = self.dec_values[0][1] if self.dec_values else None
-        if shapes is None:  # no image yet: a dummy value the mask hides (MMFS then outputs its bias)
-            shapes = torch.tensor([[1, 1]] * 4, device=self.device)
-            dec = cond.new_zeros(1, 4, m.adapter.vit.cfg.hidden_size)
-        values, visible = m.decoder_values(dec, shapes, prev)
+        if self.dec_values:
+            dec, shapes = torch.cat([v for v, _ in self.dec_values]), self.dec_values[0][1]
+        else:  # no image yet: prev is -1, so this placeholder is never read (MMFS then outputs its bias)
+            dec, shapes = cond.new_zeros(1, 4, m.adapter.vit.cfg.hidden_size), torch.tensor([[1, 1]] * 4)
+        values, visible = m.decoder_values(dec, shapes.to(self.device), lay["prev"][i:])
         return m.sample_images(cond, values, visible, steps, sampler, guidance, generator)[0]
