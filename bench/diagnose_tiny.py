@@ -1,6 +1,8 @@
 """
 Where a trained tiny model stands, beyond the end-to-end scores of train.py (held-out scenes of data.py):
   reading   teacher-forced accuracy of the caption's colour, shape and cell words (is the image read?)
+  binding   linear probes from the LLM state at each object's words to its cell, colour and shape, reading the
+            caption alone as text-to-image does (does the LLM bind "a red circle in the top left" into one state?)
   drawing   the image loss at three noise levels with the right caption, another scene's caption and the null
             condition (does the decoder use the caption?)
 
@@ -9,10 +11,12 @@ Where a trained tiny model stands, beyond the end-to-end scores of train.py (hel
 """
 import argparse
 import os
+import random
 import re
 import sys
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
@@ -50,6 +54,44 @@ def reading(m, tok, n):
     return {k: sum(v) / len(v) for k, v in hits.items()}
 
 
+def binding(m, tok, n_train=1200, n_test=300, steps=300):
+    """Held-out accuracy of linear probes (softmax regression) from the LLM state at each object's colour word, shape
+    word and last word ("left" of "in the top left") to that object's cell, colour and shape. Captions only, then BoI."""
+    def states(scenes):
+        feats, labels = {"colour word": [], "shape word": [], "last word": []}, []
+        for scene in scenes:
+            ids = tok.encode(data.caption(scene), bos=True) + [m.cfg.boi_id]
+            words = [tok.id_to_piece(t).lstrip("\u2581") for t in ids[:-1]]
+            with torch.no_grad():
+                h = m.llm.forward_hidden(embeds=m.embed(torch.tensor([ids])))[0]
+            starts = [j for j, w in enumerate(words) if w == "a"]             # "a <colour> <shape> in the <cell>"
+            ends = [j for j in range(len(words) - 1) if words[j + 1] in (",", "and", ".")]
+            objects = [(i, o) for i, o in enumerate(scene) if o]
+            if len(starts) != len(objects) or len(ends) != len(objects):
+                raise SystemExit(f"binding: cannot find the object phrases in {words} (a word-level tokenizer only)")
+            for (cell, (colour, shape)), a, e in zip(objects, starts, ends):
+                for name, j in (("colour word", a + 1), ("shape word", a + 2), ("last word", e)):
+                    feats[name].append(h[j])
+                labels.append((cell, list(data.COLOURS).index(colour), data.SHAPES.index(shape)))
+        return {k: torch.stack(v).float() for k, v in feats.items()}, torch.tensor(labels)
+
+    rng = random.Random(0)
+    train_x, train_y = states([data.random_scene(rng) for _ in range(n_train)])
+    test_x, test_y = states([ex["scene"] for ex in data.eval_examples("t2i", n_test)])
+    out = {}
+    for where in train_x:
+        for k, (what, n_classes) in enumerate((("cell", 9), ("colour", len(data.COLOURS)), ("shape", len(data.SHAPES)))):
+            probe = torch.nn.Linear(train_x[where].shape[1], n_classes)
+            opt = torch.optim.Adam(probe.parameters(), lr=0.05)
+            for _ in range(steps):
+                opt.zero_grad()
+                F.cross_entropy(probe(train_x[where]), train_y[:, k]).backward()
+                opt.step()
+            with torch.no_grad():
+                out[(where, what)] = float((probe(test_x[where]).argmax(-1) == test_y[:, k]).float().mean())
+    return out
+
+
 @torch.no_grad()
 def drawing(m, tok, n, timesteps=(200, 500, 800)):
     """Image loss (the training objective) of held-out text-to-image examples by condition."""
@@ -83,6 +125,10 @@ def main():
     print("reading: teacher-forced accuracy of the next caption token, by word kind")
     for kind, acc in sorted(reading(m, tok, args.n).items()):
         print(f"  {kind:7s} {acc:.3f}")
+    print("binding: held-out accuracy of linear probes from the LLM state at an object's word to the object")
+    res = binding(m, tok)
+    for where in dict.fromkeys(w for w, _ in res):
+        print(f"  {where:12s} " + "  ".join(f"-> {what} {res[(w, what)]:.2f}" for w, what in res if w == where))
     print("drawing: image loss by condition (lower = better; right < other means the caption is used)")
     res = drawing(m, tok, min(args.n, 64))
     for t in sorted({t for t, _ in res}):

@@ -1,6 +1,6 @@
 """
 Where text-to-image gets stuck in the tiny model: the tiny U-Net trained on the synthetic world (t2i only, no ViT)
-under different condition paths, then scored per cell on 30 held-out scenes (DDIM 25 steps, no guidance).
+under different condition paths, then scored per cell on held-out scenes (DDIM 25 steps, no guidance).
 
   cells     oracle: one token per grid cell = cell + colour + shape embeddings (an empty cell: cell + "none")
   objects   oracle: one token per object = cell + colour + shape embeddings, zero tokens up to 4
@@ -12,12 +12,17 @@ under different condition paths, then scored per cell on 30 held-out scenes (DDI
   llm_qa    as llm, and the LM also learns text-only question answering about the caption (the same scenes)
   llm_conv  as llm, with a causal Conv1d (kernel 8) over the LLM states before the projection
   shipped   the shipped model's LLM (trained, frozen) -> fresh projection -> resampler
+  shipped_last  the shipped LLM's state at each object's last word only ("left" of "in the top left") -> Linear
+  llm_last  as llm, and only the state at each object's last word -> Linear (the LLM learns with the U-Net)
 
     python bench/probe_condition.py cells                 # ~5 min on one core (300 steps x 20 images)
     python bench/probe_condition.py llm --steps=900
     python bench/probe_condition.py llm_conv --direct     # no resampler: states -> Linear + sin-cos -> U-Net
-"""
+    python bench/probe_condition.py llm --steps=1000 --eval_every=500 --save=llm.png   # a curve, and a picture
+
+Scores are over 60 held-out scenes (30 before the per-object-count breakdown was added)."""
 import argparse
+import math
 import os
 import random
 import sys
@@ -31,10 +36,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 from llm import LLaMA, LLaMAConfig  # noqa: E402
 from mmi import MMI, MMIConfig, Resampler, sincos_1d  # noqa: E402
+import unet as unet_module  # noqa: E402
 from unet import NoiseSchedule, UNet, UNetConfig  # noqa: E402
+from vit import sincos_2d  # noqa: E402
 
 MODES = ("cells", "objects", "objects_mlp", "objects_resampler", "words", "resampler", "llm", "llm_qa", "llm_conv",
-         "shipped")
+         "shipped", "shipped_last", "llm_last")
 COLOURS, SHAPES = list(data.COLOURS), list(data.SHAPES)
 
 
@@ -55,20 +62,22 @@ class Condition(nn.Module):
                 self.resampler = Resampler(queries, cfg.dec_dim, cfg.dec_layers, cfg.dec_heads, D, C,
                                            out_std=out_std, init_std=init_std, qk_norm=qk_norm)
             return
-        if mode.startswith("llm"):
+        if mode.startswith("llm"):  # llm, llm_qa, llm_conv, llm_last
             self.llm = LLaMA(LLaMAConfig(**cfg.llm))
-        elif mode == "shipped":
+        elif mode.startswith("shipped"):
             self.shipped = [MMI.load(os.path.join(os.path.dirname(__file__), "..", "assets", "tiny")).eval()
                             .requires_grad_(False)]  # a list: not a submodule, so not trained
         else:
             self.emb = nn.Embedding(V + 2, D)
-        self.direct = direct = direct or mode == "words"
+        self.direct = direct = direct or mode in ("words", "shipped_last", "llm_last")
         self.proj = nn.Linear(D, C) if direct else nn.Linear(D, D)
         if mode == "llm_conv":
             self.conv = nn.Conv1d(D, D, 8)
         if not direct:
             self.resampler = Resampler(queries, cfg.dec_dim, cfg.dec_layers, cfg.dec_heads, D, C,
                                        out_std=out_std, init_std=init_std, qk_norm=qk_norm)
+
+    stats = None
 
     def _ids(self, scene):
         c = [COLOURS.index(o[0]) + 1 if o else 0 for o in scene]
@@ -111,12 +120,21 @@ class Condition(nn.Module):
             lm = F.cross_entropy(self.llm.lm_head(h[:, :-1]).flatten(0, 1), tgt.flatten(), ignore_index=-100)
             if self.mode == "llm_qa" and self.training:
                 lm = lm + self.qa_loss(scenes)
-        elif self.mode == "shipped":
+        elif self.mode.startswith("shipped"):
             with torch.no_grad():
                 m = self.shipped[0]
                 h = m.llm.forward_hidden(embeds=m.embed(x))
+                if self.stats is not None:
+                    h = (h - self.stats[0]) / self.stats[1]
         else:
             h = self.emb(x)
+        if self.mode.endswith("_last"):  # only the state at each object's last word ("left" of "in the top left")
+            out = h.new_zeros(len(ids), data.MAX_SHAPES, h.shape[-1])
+            for b, i in enumerate(ids):
+                words = [self.tok.id_to_piece(t).lstrip("\u2581") for t in i[:-1]]
+                ends = [j for j in range(len(words) - 1) if words[j + 1] in (",", "and", ".")]
+                out[b, :len(ends)] = h[b, ends]
+            return self.proj(out) * (out.abs().sum(-1, keepdim=True) > 0), lm
         if self.mode == "llm_conv":  # causal: each state also sees the 7 before it
             h = h + self.conv(F.pad(h.transpose(1, 2), (7, 0))).transpose(1, 2)
         ar = torch.arange(T)
@@ -125,6 +143,17 @@ class Condition(nn.Module):
         if self.direct:  # no mask in the U-Net's cross-attention: padding -> zero keys and values
             return self.proj(h + sincos_1d(T, h.shape[-1])) * mask[..., None], lm
         return self.resampler(self.proj(h) + sincos_1d(T, h.shape[-1]), mask), lm
+
+
+def add_unet_positions():
+    """Probe only: every U-Net transformer block sees its tokens + 2D sin-cos (SD's U-Net knows position only
+    through its convolutions' zero padding)."""
+    block = unet_module.BasicTransformerBlock.forward
+
+    def forward(self, x, context):  # x (B, H*W, C), square maps
+        side = math.isqrt(x.shape[1])
+        return block(self, x + sincos_2d(side, side, x.shape[-1], x.device, x.dtype), context)
+    unet_module.BasicTransformerBlock.forward = forward
 
 
 def main():
@@ -139,18 +168,47 @@ def main():
     p.add_argument("--out_std", type=float, default=0.02, help="init std of the decoder resampler's output Linear")
     p.add_argument("--init_std", type=float, default=0.02, help="init std of the decoder resampler's other Linears")
     p.add_argument("--image_loss_weight", type=float, default=10.0)
-    p.add_argument("--n_eval", type=int, default=30)
+    p.add_argument("--n_eval", type=int, default=60)
+    p.add_argument("--max_objects", type=int, default=data.MAX_SHAPES, help="train on scenes of at most this many")
+    p.add_argument("--eval_every", type=int, default=0, help="also score every N steps (the learning curve)")
+    p.add_argument("--save", default="", help="write a PNG grid: target row over generated row per example")
+    p.add_argument("--sink", type=int, default=0, help="N learned condition-independent tokens after the context")
+    p.add_argument("--ctx_scale", type=float, default=1.0, help="multiply the U-Net's context by this")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--whiten", action="store_true", help="shipped modes: standardise each LLM state dimension "
+                   "(mean and std of 200 training scenes) before the projection")
+    p.add_argument("--unet_pos", action="store_true", help="2D sin-cos added to the U-Net's attention tokens")
     a = p.parse_args()
+    if a.unet_pos:
+        add_unet_positions()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     cfg = MMIConfig.from_name("tiny", **({} if a.layers is None else {"dec_layers": a.layers}))
     unet, sched = UNet(UNetConfig.from_dict(cfg.unet)), NoiseSchedule(**cfg.schedule)
     cond = Condition(a.mode, cfg, unet.cfg.cross_attention_dim, a.queries, a.out_std, a.init_std,
                      a.direct, a.qk_norm)
-    opt = torch.optim.AdamW([*unet.parameters(), *cond.parameters()], lr=1e-3, betas=(0.9, 0.99), weight_decay=0.01)
+    if a.whiten:
+        with torch.no_grad():
+            rng = random.Random(123)
+            ids = [cond.tok.encode(data.caption(data.random_scene(rng)), bos=True) for _ in range(200)]
+            m = cond.shipped[0]
+            h = torch.cat([m.llm.forward_hidden(embeds=m.embed(torch.tensor([i])))[0] for i in ids])
+            cond.stats = (h.mean(0), h.std(0) + 1e-5)
+    if a.ctx_scale != 1:
+        base_scale = cond.forward
+        cond.forward = lambda scenes: (lambda c, lm: (c * a.ctx_scale, lm))(*base_scale(scenes))
+    if a.sink:
+        cond.sink = nn.Parameter(torch.randn(a.sink, unet.cfg.cross_attention_dim))
+        base = cond.forward
+        cond.forward = lambda scenes: (lambda c, lm: (torch.cat([c, cond.sink.expand(len(c), -1, -1)], 1), lm))(*base(scenes))
+    opt = torch.optim.AdamW([*unet.parameters(), *cond.parameters()], lr=a.lr, betas=(0.9, 0.99), weight_decay=0.01)
     rng, t0 = random.Random(0), time.time()
     for step in range(a.steps):
-        scenes = [data.random_scene(rng) for _ in range(a.batch)]
+        scenes = []
+        while len(scenes) < a.batch:
+            s = data.random_scene(rng)
+            if sum(o is not None for o in s) <= a.max_objects:
+                scenes.append(s)
         x0 = torch.stack([data.to_tensor(data.render(s)) for s in scenes]) * 2 - 1
         noise, t = torch.randn_like(x0), torch.randint(0, sched.N, (a.batch,))
         ctx, lm = cond(scenes)
@@ -158,24 +216,41 @@ def main():
         opt.zero_grad()
         (lm + a.image_loss_weight * image_loss).backward()
         for g in opt.param_groups:
-            g["lr"] = 1e-3 * min(1, (step + 1) / 30)
+            g["lr"] = a.lr * min(1, (step + 1) / 30)
         opt.step()
+        if a.eval_every and (step + 1) % a.eval_every == 0 and step + 1 < a.steps:
+            evaluate(a, unet, cond, sched, step + 1, t0)
         if step % 50 == 0 or step == a.steps - 1:
             lm = float(lm.detach() if torch.is_tensor(lm) else lm)
             print(f"step {step} image loss {image_loss.item():.4f} lm {lm:.3f} {time.time() - t0:.0f} s", flush=True)
+    evaluate(a, unet, cond, sched, a.steps, t0, save=a.save)
+
+
+@torch.no_grad()
+def evaluate(a, unet, cond, sched, step, t0, save=""):
+    """Per-cell and occupied-cell accuracy on a.n_eval held-out scenes, overall and by number of objects."""
     unet.eval(), cond.eval()
-    cells, occupied = [], []
-    with torch.no_grad():
-        exs = data.eval_examples("t2i", a.n_eval)
-        ctx, _ = cond([e["scene"] for e in exs])
-        noise = torch.randn(len(exs), 3, 32, 32, generator=torch.Generator().manual_seed(0))
-        imgs = sched.sample(lambda x, t: unet(x, t, ctx), noise, steps=25, sampler="ddim")
-        for e, im in zip(exs, ((imgs + 1) / 2).clamp(0, 1)):
-            pred = data.parse_image(im)
-            cells.append(data.cell_accuracy(pred, e["scene"]))
-            occupied.append(data.cell_accuracy(pred, e["scene"], occupied_only=True))
-    print(f"{a.mode}: {a.steps} steps x {a.batch} images, held-out per-cell {sum(cells) / len(cells):.3f}, "
-          f"occupied cells {sum(occupied) / len(occupied):.3f}, {time.time() - t0:.0f} s")
+    exs = data.eval_examples("t2i", a.n_eval)
+    ctx, _ = cond([e["scene"] for e in exs])
+    noise = torch.randn(len(exs), 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    imgs = ((sched.sample(lambda x, t: unet(x, t, ctx), noise, steps=25, sampler="ddim") + 1) / 2).clamp(0, 1)
+    by_k = {}
+    for e, im in zip(exs, imgs):
+        pred = data.parse_image(im)
+        by_k.setdefault(sum(o is not None for o in e["scene"]), []).append(
+            (data.cell_accuracy(pred, e["scene"]), data.cell_accuracy(pred, e["scene"], occupied_only=True)))
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    per_k = ", ".join(f"{k}: {mean([c for c, _ in v]):.2f}/{mean([o for _, o in v]):.2f}" for k, v in sorted(by_k.items()))
+    every = [r for v in by_k.values() for r in v]
+    print(f"{a.mode}: {step} steps x {a.batch} images, held-out per-cell {mean([c for c, _ in every]):.3f}, "
+          f"occupied cells {mean([o for _, o in every]):.3f} (by objects, per-cell/occupied: {per_k}), "
+          f"{time.time() - t0:.0f} s", flush=True)
+    if save:  # top row: the target scenes, bottom row: what was drawn
+        from PIL import Image
+        tgt = torch.cat([data.to_tensor(data.render(e["scene"])) for e in exs[:16]], 2)
+        grid = torch.cat([tgt, torch.cat(list(imgs[:16]), 2)], 1).permute(1, 2, 0)
+        Image.fromarray((grid * 255).round().byte().numpy()).resize((grid.shape[1] * 4, grid.shape[0] * 4)).save(save)
+    unet.train(), cond.train()
 
 
 if __name__ == "__main__":
