@@ -8,6 +8,7 @@ Where a trained tiny model stands, beyond the end-to-end scores of train.py (hel
 
     python bench/diagnose_tiny.py                     # assets/tiny
     python bench/diagnose_tiny.py out-tiny --n=64
+    python bench/diagnose_tiny.py random              # a fresh random tiny model (seed 0): the control
 """
 import argparse
 import os
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
-from mmi import MMI  # noqa: E402
+from mmi import MMI, MMIConfig  # noqa: E402
 
 WORDS = {**{c: "colour" for c in data.COLOURS}, **{s: "shape" for s in data.SHAPES},
          **{w: "cell" for w in ("top", "middle", "bottom", "centre", "left", "right")}}
@@ -68,7 +69,7 @@ def binding(m, tok, n_train=1200, n_test=300, steps=300):
             ends = [j for j in range(len(words) - 1) if words[j + 1] in (",", "and", ".")]
             objects = [(i, o) for i, o in enumerate(scene) if o]
             if len(starts) != len(objects) or len(ends) != len(objects):
-                raise SystemExit(f"binding: cannot find the object phrases in {words} (a word-level tokenizer only)")
+                raise ValueError(f"cannot find the object phrases in {words} (needs a tokenizer with a piece per word)")
             for (cell, (colour, shape)), a, e in zip(objects, starts, ends):
                 for name, j in (("colour word", a + 1), ("shape word", a + 2), ("last word", e)):
                     feats[name].append(h[j])
@@ -120,13 +121,18 @@ def main():
     ap.add_argument("--n", type=int, default=100, help="held-out examples per test")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    m = MMI.load(args.model).eval()
+    torch.manual_seed(0)
+    m = (MMI(MMIConfig.from_name("tiny")) if args.model == "random" else MMI.load(args.model)).eval()
     tok = m.tokenizer()
     print("reading: teacher-forced accuracy of the next caption token, by word kind")
     for kind, acc in sorted(reading(m, tok, args.n).items()):
         print(f"  {kind:7s} {acc:.3f}")
     print("binding: held-out accuracy of linear probes from the LLM state at an object's word to the object")
-    res = binding(m, tok)
+    try:
+        res = binding(m, tok)
+    except ValueError as e:
+        print(f"  not measured: {e}")
+        res = {}
     for where in dict.fromkeys(w for w, _ in res):
         print(f"  {where:12s} " + "  ".join(f"-> {what} {res[(w, what)]:.2f}" for w, what in res if w == where))
     print("drawing: image loss by condition (lower = better; right < other means the caption is used)")

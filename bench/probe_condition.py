@@ -77,7 +77,7 @@ class Condition(nn.Module):
             self.resampler = Resampler(queries, cfg.dec_dim, cfg.dec_layers, cfg.dec_heads, D, C,
                                        out_std=out_std, init_std=init_std, qk_norm=qk_norm)
 
-    stats = None
+    stats, nuisance = None, 0.0
 
     def _ids(self, scene):
         c = [COLOURS.index(o[0]) + 1 if o else 0 for o in scene]
@@ -105,6 +105,10 @@ class Condition(nn.Module):
                 c, s = self._ids(scene)
                 cells = [i for i, o in enumerate(scene) if o]
                 out[b, :len(cells)] = self.cell.weight[cells] + self.colour(c[cells]) + self.shape(s[cells])
+                if self.nuisance:  # what else an LLM state holds: here the other objects of the caption
+                    others = self.other_cell.weight[cells].sum(0) + self.other_colour(c[cells]).sum(0)
+                    out[b, :len(cells)] += self.nuisance * (others - self.other_cell.weight[cells]
+                                                            - self.other_colour(c[cells]))
             if self.mode == "objects_resampler":
                 return self.resampler(out, out.abs().sum(-1) > 0), 0.0
             if self.mode == "objects_mlp":  # zero tokens stay zero
@@ -177,6 +181,9 @@ def main():
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--whiten", action="store_true", help="shipped modes: standardise each LLM state dimension "
                    "(mean and std of 200 training scenes) before the projection")
+    p.add_argument("--freeze_emb", action="store_true", help="object modes: fixed random cell/colour/shape embeddings")
+    p.add_argument("--nuisance", type=float, default=0.0, help="object modes: add this x fixed random codes of "
+                   "the caption's other objects to each object token")
     p.add_argument("--unet_pos", action="store_true", help="2D sin-cos added to the U-Net's attention tokens")
     a = p.parse_args()
     if a.unet_pos:
@@ -187,6 +194,13 @@ def main():
     unet, sched = UNet(UNetConfig.from_dict(cfg.unet)), NoiseSchedule(**cfg.schedule)
     cond = Condition(a.mode, cfg, unet.cfg.cross_attention_dim, a.queries, a.out_std, a.init_std,
                      a.direct, a.qk_norm)
+    if a.nuisance:
+        cond.nuisance = a.nuisance
+        E = cond.cell.embedding_dim
+        cond.other_cell, cond.other_colour = nn.Embedding(9, E).requires_grad_(False), nn.Embedding(6, E).requires_grad_(False)
+    if a.freeze_emb:
+        for e in (cond.cell, cond.colour, cond.shape):
+            e.requires_grad_(False)
     if a.whiten:
         with torch.no_grad():
             rng = random.Random(123)
@@ -201,7 +215,7 @@ def main():
         cond.sink = nn.Parameter(torch.randn(a.sink, unet.cfg.cross_attention_dim))
         base = cond.forward
         cond.forward = lambda scenes: (lambda c, lm: (torch.cat([c, cond.sink.expand(len(c), -1, -1)], 1), lm))(*base(scenes))
-    opt = torch.optim.AdamW([*unet.parameters(), *cond.parameters()], lr=a.lr, betas=(0.9, 0.99), weight_decay=0.01)
+    opt = torch.optim.AdamW([p for p in [*unet.parameters(), *cond.parameters()] if p.requires_grad], lr=a.lr, betas=(0.9, 0.99), weight_decay=0.01)
     rng, t0 = random.Random(0), time.time()
     for step in range(a.steps):
         scenes = []
