@@ -57,7 +57,8 @@ def reading(m, tok, n):
 
 def binding(m, tok, n_train=1200, n_test=300, steps=300):
     """Held-out accuracy of linear probes (softmax regression) from the LLM state at each object's colour word, shape
-    word and last word ("left" of "in the top left") to that object's cell, colour and shape. Captions only, then BoI."""
+    word and last word ("left" of "in the top left") to that object's cell, colour and shape. Captions only, then
+    BoI."""
     def states(scenes):
         feats, labels = {"colour word": [], "shape word": [], "last word": []}, []
         for scene in scenes:
@@ -81,7 +82,8 @@ def binding(m, tok, n_train=1200, n_test=300, steps=300):
     test_x, test_y = states([ex["scene"] for ex in data.eval_examples("t2i", n_test)])
     out = {}
     for where in train_x:
-        for k, (what, n_classes) in enumerate((("cell", 9), ("colour", len(data.COLOURS)), ("shape", len(data.SHAPES)))):
+        targets = (("cell", data.GRID * data.GRID), ("colour", len(data.COLOURS)), ("shape", len(data.SHAPES)))
+        for k, (what, n_classes) in enumerate(targets):
             probe = torch.nn.Linear(train_x[where].shape[1], n_classes)
             opt = torch.optim.Adam(probe.parameters(), lr=0.05)
             for _ in range(steps):

@@ -51,6 +51,7 @@ class Condition(nn.Module):
     def __init__(self, mode, cfg: MMIConfig, C, queries, out_std=0.02, init_std=0.02, direct=False, qk_norm=False):
         super().__init__()
         self.mode, self.cfg, self.qa_rng = mode, cfg, random.Random(1)
+        self.register_parameter("sink", None)
         self.tok = MMI(cfg).tokenizer()
         D, V = cfg.llm["dim"], cfg.llm["vocab_size"]
         if mode.startswith("objects") or mode == "cells":
@@ -77,7 +78,15 @@ class Condition(nn.Module):
             self.resampler = Resampler(queries, cfg.dec_dim, cfg.dec_layers, cfg.dec_heads, D, C,
                                        out_std=out_std, init_std=init_std, qk_norm=qk_norm)
 
-    stats, nuisance = None, 0.0
+    stats, nuisance, scale = None, 0.0, 1.0  # probe variants, set by main() (and the parameter "sink")
+
+    def forward(self, scenes):
+        """The U-Net context [B, T, C] (times --ctx_scale, then the --sink tokens) and the LM loss."""
+        ctx, lm = self.context(scenes)
+        ctx = ctx * self.scale
+        if self.sink is not None:
+            ctx = torch.cat([ctx, self.sink.expand(len(ctx), -1, -1)], 1)
+        return ctx, lm
 
     def _ids(self, scene):
         c = [COLOURS.index(o[0]) + 1 if o else 0 for o in scene]
@@ -95,7 +104,7 @@ class Condition(nn.Module):
         h = self.llm.forward_hidden(x.clamp(min=0))
         return F.cross_entropy(self.llm.lm_head(h[:, :-1]).flatten(0, 1), x[:, 1:].flatten(), ignore_index=-100)
 
-    def forward(self, scenes):
+    def context(self, scenes):
         if self.mode == "cells":
             c, s = map(torch.stack, zip(*map(self._ids, scenes)))                 # (B, 9) each
             return self.cell.weight + self.colour(c) + self.shape(s), 0.0
@@ -197,7 +206,8 @@ def main():
     if a.nuisance:
         cond.nuisance = a.nuisance
         E = cond.cell.embedding_dim
-        cond.other_cell, cond.other_colour = nn.Embedding(9, E).requires_grad_(False), nn.Embedding(6, E).requires_grad_(False)
+        cond.other_cell = nn.Embedding(9, E).requires_grad_(False)
+        cond.other_colour = nn.Embedding(6, E).requires_grad_(False)
     if a.freeze_emb:
         for e in (cond.cell, cond.colour, cond.shape):
             e.requires_grad_(False)
@@ -208,14 +218,11 @@ def main():
             m = cond.shipped[0]
             h = torch.cat([m.llm.forward_hidden(embeds=m.embed(torch.tensor([i])))[0] for i in ids])
             cond.stats = (h.mean(0), h.std(0) + 1e-5)
-    if a.ctx_scale != 1:
-        base_scale = cond.forward
-        cond.forward = lambda scenes: (lambda c, lm: (c * a.ctx_scale, lm))(*base_scale(scenes))
+    cond.scale = a.ctx_scale
     if a.sink:
         cond.sink = nn.Parameter(torch.randn(a.sink, unet.cfg.cross_attention_dim))
-        base = cond.forward
-        cond.forward = lambda scenes: (lambda c, lm: (torch.cat([c, cond.sink.expand(len(c), -1, -1)], 1), lm))(*base(scenes))
-    opt = torch.optim.AdamW([p for p in [*unet.parameters(), *cond.parameters()] if p.requires_grad], lr=a.lr, betas=(0.9, 0.99), weight_decay=0.01)
+    params = [p for p in [*unet.parameters(), *cond.parameters()] if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.99), weight_decay=0.01)
     rng, t0 = random.Random(0), time.time()
     for step in range(a.steps):
         scenes = []
@@ -254,7 +261,8 @@ def evaluate(a, unet, cond, sched, step, t0, save=""):
         by_k.setdefault(sum(o is not None for o in e["scene"]), []).append(
             (data.cell_accuracy(pred, e["scene"]), data.cell_accuracy(pred, e["scene"], occupied_only=True)))
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    per_k = ", ".join(f"{k}: {mean([c for c, _ in v]):.2f}/{mean([o for _, o in v]):.2f}" for k, v in sorted(by_k.items()))
+    per_k = ", ".join(f"{k}: {mean([c for c, _ in v]):.2f}/{mean([o for _, o in v]):.2f}"
+                      for k, v in sorted(by_k.items()))
     every = [r for v in by_k.values() for r in v]
     print(f"{a.mode}: {step} steps x {a.batch} images, held-out per-cell {mean([c for c, _ in every]):.3f}, "
           f"occupied cells {mean([o for _, o in every]):.3f} (by objects, per-cell/occupied: {per_k}), "
