@@ -59,13 +59,11 @@ class Session:
     With the cache (use_cache), each LLM MMFS layer also keeps its projected values: an image is normed and projected
     once per layer when it enters the context (add_image), not again for every token decoded after it."""
 
-    def __init__(self, model: "MMI", use_cache, max_len):
-        self.m, self.max_len = model, max_len
+    def __init__(self, model: MMI, use_cache, max_len):
+        self.m, self.max_len, self.device = model, max_len, next(model.parameters()).device
         self.tokens, self.embeds, self.llm_values, self.dec_values, self.hidden = [], [], [], [], []
-        p = next(model.parameters())
         self.cache = model.llm.new_cache(1, max_len) if use_cache else None
         self.projected = {}  # GatedMMFS -> (n_images, S, heads*head_dim), only with the cache
-        self.device = p.device
 
     def add_image(self, img01):
         emb, maps = self.m.encode_images(img01[None].to(self.device))

@@ -55,6 +55,17 @@ def reading(m, tok, n):
     return {k: sum(v) / len(v) for k, v in hits.items()}
 
 
+def object_words(tok, ids):
+    """Positions in a caption's ids of each object phrase "a <colour> <shape> in the <cell>": (its "a", its last
+    word), in caption order. Needs a tokenizer with one piece per word (the world tokenizer)."""
+    words = [tok.id_to_piece(t).lstrip("\u2581") for t in ids]
+    starts = [j for j, w in enumerate(words) if w == "a"]
+    ends = [j for j in range(len(words) - 1) if words[j + 1] in (",", "and", ".")]
+    if not starts or len(starts) != len(ends):
+        raise ValueError(f"cannot find the object phrases in {words} (needs a tokenizer with a piece per word)")
+    return starts, ends
+
+
 def binding(m, tok, n_train=1200, n_test=300, steps=300):
     """Held-out accuracy of linear probes (softmax regression) from the LLM state at each object's colour word, shape
     word and last word ("left" of "in the top left") to that object's cell, colour and shape. Captions only, then
@@ -63,14 +74,12 @@ def binding(m, tok, n_train=1200, n_test=300, steps=300):
         feats, labels = {"colour word": [], "shape word": [], "last word": []}, []
         for scene in scenes:
             ids = tok.encode(data.caption(scene), bos=True) + [m.cfg.boi_id]
-            words = [tok.id_to_piece(t).lstrip("\u2581") for t in ids[:-1]]
             with torch.no_grad():
                 h = m.llm.forward_hidden(embeds=m.embed(torch.tensor([ids])))[0]
-            starts = [j for j, w in enumerate(words) if w == "a"]             # "a <colour> <shape> in the <cell>"
-            ends = [j for j in range(len(words) - 1) if words[j + 1] in (",", "and", ".")]
             objects = [(i, o) for i, o in enumerate(scene) if o]
-            if len(starts) != len(objects) or len(ends) != len(objects):
-                raise ValueError(f"cannot find the object phrases in {words} (needs a tokenizer with a piece per word)")
+            starts, ends = object_words(tok, ids[:-1])
+            if len(starts) != len(objects):
+                raise ValueError(f"{len(starts)} object phrases found in the caption of a {len(objects)}-object scene")
             for (cell, (colour, shape)), a, e in zip(objects, starts, ends):
                 for name, j in (("colour word", a + 1), ("shape word", a + 2), ("last word", e)):
                     feats[name].append(h[j])

@@ -39,6 +39,7 @@ from mmi import MMI, MMIConfig, Resampler, sincos_1d  # noqa: E402
 import unet as unet_module  # noqa: E402
 from unet import NoiseSchedule, UNet, UNetConfig  # noqa: E402
 from vit import sincos_2d  # noqa: E402
+from diagnose_tiny import object_words  # noqa: E402  (bench/ is on the path when a bench script runs)
 
 MODES = ("cells", "objects", "objects_mlp", "objects_resampler", "words", "resampler", "llm", "llm_qa", "llm_conv",
          "shipped", "shipped_last", "llm_last")
@@ -115,9 +116,8 @@ class Condition(nn.Module):
                 cells = [i for i, o in enumerate(scene) if o]
                 out[b, :len(cells)] = self.cell.weight[cells] + self.colour(c[cells]) + self.shape(s[cells])
                 if self.nuisance:  # what else an LLM state holds: here the other objects of the caption
-                    others = self.other_cell.weight[cells].sum(0) + self.other_colour(c[cells]).sum(0)
-                    out[b, :len(cells)] += self.nuisance * (others - self.other_cell.weight[cells]
-                                                            - self.other_colour(c[cells]))
+                    codes = self.other_cell.weight[cells] + self.other_colour(c[cells])   # (k, E)
+                    out[b, :len(cells)] += self.nuisance * (codes.sum(0) - codes)
             if self.mode == "objects_resampler":
                 return self.resampler(out, out.abs().sum(-1) > 0), 0.0
             if self.mode == "objects_mlp":  # zero tokens stay zero
@@ -144,8 +144,7 @@ class Condition(nn.Module):
         if self.mode.endswith("_last"):  # only the state at each object's last word ("left" of "in the top left")
             out = h.new_zeros(len(ids), data.MAX_SHAPES, h.shape[-1])
             for b, i in enumerate(ids):
-                words = [self.tok.id_to_piece(t).lstrip("\u2581") for t in i[:-1]]
-                ends = [j for j in range(len(words) - 1) if words[j + 1] in (",", "and", ".")]
+                ends = object_words(self.tok, i[:-1])[1]  # i ends with BoI
                 out[b, :len(ends)] = h[b, ends]
             return self.proj(out) * (out.abs().sum(-1, keepdim=True) > 0), lm
         if self.mode == "llm_conv":  # causal: each state also sees the 7 before it
