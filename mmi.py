@@ -37,8 +37,9 @@ from torch.utils.checkpoint import checkpoint
 
 from llm import LLaMA, LLaMAConfig, RMSNorm
 from mmfs import MMFS, pixel_centres
-from unet import AutoencoderKL, NoiseSchedule, UNet, UNetConfig, VAEConfig, cfg_combine
-from vit import CLIPVisionConfig, ViTAdapter, VisionTransformer, resize01, sincos_2d, to_tensor01
+from diffusion import NoiseSchedule, cfg_combine
+from unet import AutoencoderKL, UNet, UNetConfig, VAEConfig
+from vit import CLIPVisionConfig, ViTAdapter, VisionTransformer, resize01, sincos_1d, sincos_2d, to_tensor01
 from weights import CheckpointError, read_json
 
 BOI, IMAGE = "<|beginofimage|>", "<|image|>"
@@ -54,7 +55,7 @@ class MMIConfig:
     llm: dict = field(default_factory=dict)                                    # llm.LLaMAConfig fields
     unet: dict = field(default_factory=lambda: asdict(UNetConfig()))           # unet.UNetConfig fields
     vae: dict | None = field(default_factory=lambda: asdict(VAEConfig()))      # None: diffusion in pixel space
-    schedule: dict = field(default_factory=dict)                               # unet.NoiseSchedule arguments
+    schedule: dict = field(default_factory=dict)                               # diffusion.NoiseSchedule arguments
     tokenizer: str = "byte"            # "byte" (ByteTokenizer), "world" (assets/world.model), "llama" (the LLM
                                        # folder's tokenizer.model) or a SentencePiece tokenizer.model path
     pad_id: int | None = None          # None: the tokenizer's own (official: 31999)
@@ -158,13 +159,6 @@ PRESETS = {
         image_size=32, freeze_vit=False, freeze_llm=False, lr=1e-3, lr_unet=1e-3,
         lr_offsets=1e-3),  # tiny-only: offsets learn where to look at the lr of the rest (official 10x lower)
 }
-
-
-def sincos_1d(n, dim, device=None, dtype=torch.float32):
-    """Fixed 1D sin-cos embedding of positions 0..n-1: [n, dim] (first half sin, second half cos)."""
-    omega = 1.0 / 10000 ** (torch.arange(dim // 2, device=device, dtype=torch.float64) / (dim // 2))
-    angle = torch.arange(n, device=device, dtype=torch.float64)[:, None] * omega
-    return torch.cat([angle.sin(), angle.cos()], 1).to(dtype)
 
 
 # -----------------------------------------------------------------------------

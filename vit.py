@@ -235,6 +235,13 @@ def resize01(x, size):
 # Fixed 2D sine-cosine positions
 
 
+def sincos_1d(n, dim, device=None, dtype=torch.float32):
+    """Fixed 1D sin-cos embedding of positions 0..n-1: [n, dim] (first half sin, second half cos)."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, device=device, dtype=torch.float64) / (dim // 2))
+    angle = torch.arange(n, device=device, dtype=torch.float64)[:, None] * omega
+    return torch.cat([angle.sin(), angle.cos()], 1).to(dtype)
+
+
 @functools.lru_cache(maxsize=16)
 def _sincos_table(h, w, dim):
     # device="cpu" explicitly: a call under `with torch.device("meta")` must not cache meta tensors for everyone

@@ -125,6 +125,11 @@ class Checkpoint(Mapping):
         return list(self._handles)
 
 
+def component_folder(path: Path, sub: str, config="config.json") -> Path:
+    """A pipeline root holds the component in a subfolder (unet/, vae/, scheduler/); a component folder is itself."""
+    return path / sub if (path / sub / config).is_file() else path
+
+
 def open_checkpoint(files) -> Checkpoint:
     if isinstance(files, (str, Path)):
         files = [files]

@@ -35,10 +35,11 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 from llm import LLaMA, LLaMAConfig  # noqa: E402
-from mmi import MMI, MMIConfig, Resampler, sincos_1d  # noqa: E402
+from mmi import MMI, MMIConfig, Resampler  # noqa: E402
 import unet as unet_module  # noqa: E402
-from unet import NoiseSchedule, UNet, UNetConfig  # noqa: E402
-from vit import sincos_2d  # noqa: E402
+from diffusion import NoiseSchedule  # noqa: E402
+from unet import UNet, UNetConfig  # noqa: E402
+from vit import sincos_1d, sincos_2d  # noqa: E402
 from diagnose_tiny import object_words  # noqa: E402  (bench/ is on the path when a bench script runs)
 
 MODES = ("cells", "objects", "objects_mlp", "objects_resampler", "words", "resampler", "llm", "llm_qa", "llm_conv",

@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderKL as DAutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel  # noqa: E402
 
+import diffusion  # noqa: E402
 import unet  # noqa: E402
 from weights import CheckpointError, load_strict  # noqa: E402
 
@@ -256,7 +257,7 @@ def test_strict_errors_name_key_and_file(unets, tmp_path):
 @pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
 def test_schedule_from_config_and_training_targets(pred, tmp_path):
     DDIMScheduler(**SCHED, prediction_type=pred).save_config(tmp_path / "scheduler")
-    ours = unet.NoiseSchedule.from_pretrained(tmp_path)  # pipeline root -> scheduler/scheduler_config.json
+    ours = diffusion.NoiseSchedule.from_pretrained(tmp_path)  # pipeline root -> scheduler/scheduler_config.json
     assert ours.prediction_type == pred and ours.steps_offset == 1 and not ours.set_alpha_to_one
     ref = DDPMScheduler(**DDPM_SCHED, prediction_type=pred)
     x0, noise, t = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.tensor([0, 500, 999])
@@ -268,7 +269,7 @@ def test_schedule_from_config_and_training_targets(pred, tmp_path):
 @pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
 def test_one_step_parity(pred, spacing):
-    ours = unet.NoiseSchedule(**SCHED, prediction_type=pred, timestep_spacing=spacing)
+    ours = diffusion.NoiseSchedule(**SCHED, prediction_type=pred, timestep_spacing=spacing)
     ddim = DDIMScheduler(**SCHED, prediction_type=pred, timestep_spacing=spacing)
     ddpm = DDPMScheduler(**DDPM_SCHED, prediction_type=pred, timestep_spacing=spacing)
     ddim.set_timesteps(20)
@@ -289,14 +290,14 @@ def test_one_step_parity(pred, spacing):
 def test_ddim_loop_matches_diffusers(unets):
     ref, _, root = unets
     ours = unet.UNet.from_pretrained(root / "pipe")
-    sched = unet.NoiseSchedule(**SCHED, prediction_type="v_prediction")
+    sched = diffusion.NoiseSchedule(**SCHED, prediction_type="v_prediction")
     dsched = DDIMScheduler(**SCHED, prediction_type="v_prediction")
     x, _, c = inputs(1)
     uncond = torch.zeros_like(c)
     with torch.no_grad():
         def denoise(x, t):  # classifier-free guidance as the caller does it
             out = ours(torch.cat([x, x]), torch.cat([t, t]), torch.cat([c, uncond]))
-            return unet.cfg_combine(*out.chunk(2), 3.0)
+            return diffusion.cfg_combine(*out.chunk(2), 3.0)
         got = sched.sample(denoise, x.clone(), steps=20)
         dsched.set_timesteps(20)
         want = x.clone()
@@ -308,7 +309,7 @@ def test_ddim_loop_matches_diffusers(unets):
 
 
 def test_ddpm_sampling_is_seeded():
-    sched = unet.NoiseSchedule(**SCHED)
+    sched = diffusion.NoiseSchedule(**SCHED)
     fn = lambda x, t: 0.1 * x  # noqa: E731
     a = sched.sample(fn, torch.ones(1, 2, 4, 4), 5, "ddpm", generator=torch.Generator().manual_seed(1))
     b = sched.sample(fn, torch.ones(1, 2, 4, 4), 5, "ddpm", generator=torch.Generator().manual_seed(1))
