@@ -427,3 +427,31 @@ class ByteTokenizer:
 
     def id_to_piece(self, i):
         return f"<0x{i:02X}>" if i < 256 else {v: k for k, v in self.specials.items()}[i]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model's tokenizer: the LLM's own, with the two image tokens appended
+
+BOI, IMAGE = "<|beginofimage|>", "<|image|>"
+WORLD_MODEL = Path(__file__).resolve().parent / "assets" / "world.model"  # the tiny world's 440-piece BPE
+
+
+def mmi_tokenizer(kind, vocab_size, pad_id=None, llm_path=None):
+    """The tokenizer MM-Interleaved reads and writes with: "byte" (ByteTokenizer), "world" (assets/world.model),
+    "llama" (the LLM folder's tokenizer.model) or a tokenizer.model path; BoI and <|image|> appended right after
+    the LLM's vocabulary of `vocab_size` ids (official: 32000, 32001). Adds `boi_id` and `image_id` attributes;
+    pad_id overrides the tokenizer's own (official: 31999)."""
+    if kind == "byte":
+        tok = ByteTokenizer()
+    else:
+        if kind == "llama":
+            if llm_path is None:
+                raise ValueError("tokenizer 'llama' needs the LLM folder (its tokenizer.model)")
+            kind = Path(llm_path) / "tokenizer.model"
+        tok = Tokenizer(WORLD_MODEL if kind == "world" else kind)
+    if tok.vocab_size != vocab_size:
+        raise ValueError(f"tokenizer has {tok.vocab_size} ids, the LLM {vocab_size}")
+    tok.boi_id, tok.image_id = tok.add_special_tokens([BOI, IMAGE])
+    if pad_id is not None:
+        tok.pad_id = pad_id
+    return tok
