@@ -25,6 +25,7 @@ Batch (data.collate): tokens LongTensor [B, T] (<s> text BoI <|image|>*n ... </s
 images FloatTensor [N, 3, H, W] in [0, 1] ordered by row then position (one per BoI), optional doc_ids [B, T]
 (document index per row, -1 on padding; derived from <s> when absent). Other keys are ignored.
 """
+import functools
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields
@@ -37,6 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from llm import LLaMA, LLaMAConfig, RMSNorm
 from mmfs import MMFS, pixel_centres
+from tokenizer import mmi_tokenizer
 from diffusion import NoiseSchedule, cfg_combine
 from unet import AutoencoderKL, UNet, UNetConfig, VAEConfig
 from vit import CLIPVisionConfig, ViTAdapter, VisionTransformer, resize01, sincos_1d, sincos_2d, to_tensor01
@@ -341,24 +343,16 @@ class MMI(nn.Module):
             self._schedule = NoiseSchedule(**self.cfg.schedule)
         return self._schedule
 
-    def tokenizer(self):
-        """The tokenizer with the two image tokens appended (their ids must be boi_id, image_id)."""
-        from tokenizer import ByteTokenizer, Tokenizer
-        if self.cfg.tokenizer == "byte":
-            tok = ByteTokenizer()
-        else:
-            path = self.cfg.tokenizer
-            if path == "llama":
-                path = Path(self.cfg.components["llm"]) / "tokenizer.model"
-            elif path == "world":
-                path = Path(__file__).parent / "assets" / "world.model"
-            tok = Tokenizer(path)
-        if tok.vocab_size != self.cfg.boi_id:
-            raise ValueError(f"tokenizer has {tok.vocab_size} ids, the LLM {self.cfg.boi_id}")
-        assert tok.add_special_tokens([BOI, IMAGE]) == [self.cfg.boi_id, self.cfg.image_id]
-        if self.cfg.pad_id is not None:
-            tok.pad_id = self.cfg.pad_id
+    @functools.cached_property
+    def tok(self):
+        """The model's tokenizer (tokenizer.mmi_tokenizer): the LLM's own with BoI and <|image|> appended."""
+        llm_path = (self.cfg.components or {}).get("llm")
+        tok = mmi_tokenizer(self.cfg.tokenizer, self.llm.cfg.vocab_size, self.cfg.pad_id, llm_path)
+        assert (tok.boi_id, tok.image_id) == (self.cfg.boi_id, self.cfg.image_id)
         return tok
+
+    def tokenizer(self):  # TODO(refactor): callers move to model.tok
+        return self.tok
 
     def encode_document(self, items, tok, bos=True, eos=True):
         """A document (str / PIL image / [3,H,W] tensor in [0,1] items) -> (token ids, list of image tensors)."""
