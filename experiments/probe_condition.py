@@ -15,10 +15,10 @@ under different condition paths, then scored per cell on held-out scenes (DDIM 2
   shipped_last  the shipped LLM's state at each object's last word only ("left" of "in the top left") -> Linear
   llm_last  as llm, and only the state at each object's last word -> Linear (the LLM learns with the U-Net)
 
-    python bench/probe_condition.py cells                 # ~5 min on one core (300 steps x 20 images)
-    python bench/probe_condition.py llm --steps=900
-    python bench/probe_condition.py llm_conv --direct     # no resampler: states -> Linear + sin-cos -> U-Net
-    python bench/probe_condition.py llm --steps=1000 --eval_every=500 --save=llm.png   # a curve, and a picture
+    python experiments/probe_condition.py cells                 # ~5 min on one core (300 steps x 20 images)
+    python experiments/probe_condition.py llm --steps=900
+    python experiments/probe_condition.py llm_conv --direct     # no resampler: states -> Linear + sin-cos -> U-Net
+    python experiments/probe_condition.py llm --steps=1000 --eval_every=500 --save=llm.png   # a curve, and a picture
 
 Scores are over 60 held-out scenes (30 before the per-object-count breakdown was added)."""
 import argparse
@@ -40,7 +40,7 @@ import unet as unet_module  # noqa: E402
 from diffusion import NoiseSchedule  # noqa: E402
 from unet import UNet, UNetConfig  # noqa: E402
 from vit import sincos_1d, sincos_2d  # noqa: E402
-from diagnose_tiny import object_words  # noqa: E402  (bench/ is on the path when a bench script runs)
+from diagnose_tiny import object_words  # noqa: E402  (experiments/, the script's folder, is on sys.path)
 
 MODES = ("cells", "objects", "objects_mlp", "objects_resampler", "words", "resampler", "llm", "llm_qa", "llm_conv",
          "shipped", "shipped_last", "llm_last")

@@ -5,10 +5,10 @@ held-out scenes. Two experiments:
   reading   captions and questions (i2t + qa): do the LLM's words come out right (fine detail: colour and shape)?
   story     stories only: does the next image keep what the sentence did not change (multi-image consistency)?
 
-    python bench/ablate_mmfs.py                       # both experiments, the two runs of each side by side
-    python bench/ablate_mmfs.py --only=story --steps=300
+    python experiments/ablate_mmfs.py                       # both experiments, the two runs of each side by side
+    python experiments/ablate_mmfs.py --only=story --steps=300
 
-Each run is `python train.py` with the defaults of train.py except the overrides printed; logs in bench/out-ablate.
+Each run is `python train.py` with the defaults of train.py except the overrides printed; logs in experiments/out-ablate.
 """
 import argparse
 import json
@@ -28,7 +28,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=sorted(EXPERIMENTS), help="run one experiment")
     ap.add_argument("--steps", type=int, help="training steps per run (default: per experiment)")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "out-ablate"))
+    ap.add_argument("--out", default=str(ROOT / "experiments" / "out-ablate"))
     args = ap.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name, (overrides, steps) in EXPERIMENTS.items():

@@ -6,9 +6,9 @@ Where a trained tiny model stands, beyond the end-to-end scores of train.py (hel
   drawing   the image loss at three noise levels with the right caption, another scene's caption and the null
             condition (does the decoder use the caption?)
 
-    python bench/diagnose_tiny.py                     # assets/tiny
-    python bench/diagnose_tiny.py out-tiny --n=64
-    python bench/diagnose_tiny.py random              # a fresh random tiny model (seed 0): the control
+    python experiments/diagnose_tiny.py                     # assets/tiny
+    python experiments/diagnose_tiny.py out-tiny --n=64
+    python experiments/diagnose_tiny.py random              # a fresh random tiny model (seed 0): the control
 """
 import argparse
 import os

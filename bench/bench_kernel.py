@@ -1,7 +1,7 @@
 """GPU benchmark of the deformable-attention kernel against the pure-torch reference (mmfs.deform_attn_reference).
 
-    python kernels/bench.py                    # both cases, fp32
-    python kernels/bench.py --case llm --dtype bf16 --iters 50
+    python bench/bench_kernel.py                    # both cases, fp32
+    python bench/bench_kernel.py --case llm --dtype bf16 --iters 50
 
 Cases (the shapes MM-Interleaved runs; see design/official.md):
     llm   MMFS in the LLM: B=1, Q=2048 text tokens, 4 images x 3 levels (32/16/8), 16 heads x 64, 8 points
@@ -105,7 +105,7 @@ def main():
     parser.add_argument("--iters", type=int, default=20)
     opt = parser.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("kernels/bench.py: no CUDA GPU on this machine, nothing to time. The kernel is verified on the CPU "
+        sys.exit("bench/bench_kernel.py: no CUDA GPU on this machine, nothing to time. The kernel is verified on the CPU "
                  "by emulation (python -m pytest tests/test_kernel.py) and compile-checked with nvcc, not timed.")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[opt.dtype]
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  CUDA {torch.version.cuda}")
