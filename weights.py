@@ -3,11 +3,14 @@ Lazy, strict checkpoint loading shared by every `from_pretrained` in mmi.
 
 Checkpoints are read one tensor at a time (safetensors `safe_open`, or `torch.load(mmap=True, weights_only=True)` for
 pickles) and assigned into a module built on the meta device, so loading a model never holds two copies of it.
-Every failure is a CheckpointError that names the file and the key.
+Every failure (missing, corrupt or refused file, missing/unexpected/mis-shaped key, NaN/inf values) is a CheckpointError
+that names the file and the key.
 """
 import json
 import os
+import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
@@ -32,13 +35,21 @@ def read_json(path) -> dict:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
+# transformers writes model.safetensors but pytorch_model.bin (either may be sharded); diffusers keeps one stem
+_TRANSFORMERS = ("model.safetensors", "pytorch_model.bin")
+_FILE_NAMES = {"model": _TRANSFORMERS, "pytorch_model": _TRANSFORMERS}
+
+
 def weight_files(folder, stem: str) -> list[Path]:
-    """The weight files of `stem` in `folder`: single file or shards listed by an index, safetensors preferred."""
+    """The weight files of `stem` in `folder`: single file or shards listed by an index, safetensors preferred.
+    stem "model" or "pytorch_model" means transformers' names (model.safetensors, pytorch_model.bin); any other
+    stem (diffusers' "diffusion_pytorch_model") means stem.safetensors, stem.bin."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a directory")
-    for ext in (".safetensors", ".bin"):
-        single, index = folder / f"{stem}{ext}", folder / f"{stem}{ext}.index.json"
+    names = _FILE_NAMES.get(stem, (f"{stem}.safetensors", f"{stem}.bin"))
+    for name in names:
+        single, index = folder / name, folder / f"{name}.index.json"
         if single.is_file():
             return [single]
         if index.is_file():
@@ -50,7 +61,32 @@ def weight_files(folder, stem: str) -> list[Path]:
                 if not shard.is_file():
                     raise CheckpointError(f"{shard}: shard listed in {index.name} is missing")
             return shards
-    raise CheckpointError(f"{folder}: no {stem}.safetensors, {stem}.bin or sharded index found")
+    raise CheckpointError(f"{folder}: no weights file: expected {' or '.join(names)} "
+                          f"(or shards listed by {' / '.join(n + '.index.json' for n in names)})")
+
+
+def _load_pickle(f: str):
+    """torch.load(weights_only=True), memory-mapped when the file is in the zip format; CheckpointError otherwise."""
+    try:
+        try:
+            return torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):  # a broken zip archive
+                raise CheckpointError(f"{f}: cannot load ({e})") from None
+        with warnings.catch_warnings():  # legacy (non-zip) format or not torch's at all: no mmap, read whole
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # noise before the refusal
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refuses anything beyond plain tensors and containers
+        found, detail = re.search(r"GLOBAL (\S+)", str(e)), re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(e))
+        why = f"it pickles {found.group(1)}" if found else detail.group(1).strip() if detail else type(e).__name__
+        raise CheckpointError(
+            f"{f}: refused by torch.load(weights_only=True): not a plain tensor pickle ({why}). "
+            "Only plain tensor pickles are loaded; use the .safetensors version of this checkpoint."
+        ) from None
+    except CheckpointError:
+        raise
+    except Exception as e:  # EOFError when truncated, "Invalid magic number" for a pickle torch.save did not write
+        raise CheckpointError(f"{f}: cannot load, corrupt or not a torch.save file ({type(e).__name__}: {e})") from None
 
 
 class Checkpoint(Mapping):
@@ -79,20 +115,7 @@ class Checkpoint(Mapping):
             self._handles[f] = handle
             return list(handle.keys())
         if f.endswith(PICKLE_EXTS):
-            try:
-                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:
-                try:  # mmap needs the zip format; old-style pickles load without it
-                    sd = torch.load(f, map_location="cpu", weights_only=True)
-                except Exception:
-                    raise CheckpointError(f"{f}: cannot load ({e})") from None
-            except Exception as e:  # UnpicklingError for anything beyond plain tensors and containers
-                found = re.search(r"GLOBAL (\S+)", str(e))
-                what = f"it pickles {found.group(1)}" if found else f"{type(e).__name__}"
-                raise CheckpointError(
-                    f"{f}: refused by torch.load(weights_only=True): {what}. "
-                    "Only plain tensor pickles are loaded; use the .safetensors version of this checkpoint."
-                ) from None
+            sd = _load_pickle(f)
             if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
                 sd = sd["state_dict"]  # original (Lightning-era) SD checkpoints nest the weights
             if not isinstance(sd, dict):
@@ -142,12 +165,31 @@ def _names(keys, limit=10) -> str:
     return ", ".join(keys[:limit]) + more
 
 
+def _not_finite(file, name, value, converted=None) -> str:
+    """The error for a tensor with NaN/inf: counts, and whether the file or the dtype cast put them there."""
+    if converted is not None and value.isfinite().all():
+        return (f"{file}: tensor {name!r} overflows {converted.dtype} (largest magnitude {value.abs().max().item():.3g}); "
+                "load it in a wider dtype")
+    nan, inf = value.isnan().sum().item(), value.isinf().sum().item()
+    return f"{file}: tensor {name!r} holds {nan} NaN and {inf} inf values of {value.numel()}: the checkpoint is broken"
+
+
+def check_finite(tensors: Mapping, source: str) -> None:
+    """CheckpointError naming the first floating tensor with NaN or inf values (one reduction per tensor).
+    For loaders that do not go through load_strict; `tensors` may be a Checkpoint (errors then name each key's file)."""
+    where = tensors.file_of if hasattr(tensors, "file_of") else (lambda k: source)
+    for name, value in tensors.items():
+        if value.is_floating_point() and not value.isfinite().all():
+            raise CheckpointError(_not_finite(where(name), name, value))
+
+
 def load_strict(module: nn.Module, tensors: Mapping, source: str, dtype: torch.dtype | None = None) -> nn.Module:
     """
     Assign every parameter and persistent buffer of `module` (which may live on the meta device) from `tensors`
     (key -> Tensor, or key -> zero-argument callable returning a Tensor), one tensor at a time.
     Missing, unexpected or mis-shaped tensors raise CheckpointError naming the key and `source`.
-    Floating tensors are converted to `dtype`, or to the dtype the module declares when `dtype` is None.
+    Floating tensors are converted to `dtype`, or to the dtype the module declares when `dtype` is None, and must be
+    finite (NaN/inf weights would otherwise load silently and only show as empty output much later).
     """
     expected = module.state_dict(keep_vars=True)  # name -> Parameter/buffer (meta or real)
     missing, unexpected = expected.keys() - tensors.keys(), tensors.keys() - expected.keys()
@@ -168,7 +210,10 @@ def load_strict(module: nn.Module, tensors: Mapping, source: str, dtype: torch.d
                 f"{where(name)}: tensor {name!r} has shape {tuple(value.shape)}, model expects {tuple(target.shape)}"
             )
         if value.is_floating_point():
-            value = value.to(dtype or target.dtype)
+            converted = value.to(dtype or target.dtype)
+            if not converted.isfinite().all():  # after the cast, so an fp16 overflow is caught too
+                raise CheckpointError(_not_finite(where(name), name, value, converted))
+            value = converted
         owner_name, _, attr = name.rpartition(".")
         owner = module.get_submodule(owner_name)
         if attr in owner._parameters:

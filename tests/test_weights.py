@@ -1,12 +1,15 @@
 """weights.py: lazy strict loading. Every failure must name the file and the key."""
+import argparse
 import json
+import os
+import pickle
 
 import pytest
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from weights import CheckpointError, load_strict, open_checkpoint, read_json, weight_files
+from weights import CheckpointError, check_finite, load_strict, open_checkpoint, read_json, weight_files
 
 
 def tiny():
@@ -61,7 +64,7 @@ def test_errors_name_key_and_file(tmp_path):
     (tmp_path / "junk.bin").write_bytes(b"not a pickle")
     with pytest.raises(CheckpointError, match="junk.bin"):
         open_checkpoint(tmp_path / "junk.bin")
-    with pytest.raises(CheckpointError, match="no model.safetensors"):
+    with pytest.raises(CheckpointError, match="expected model.safetensors or pytorch_model.bin"):
         weight_files(tmp_path / "..", "model")
     (tmp_path / "c.json").write_text("{oops")
     with pytest.raises(CheckpointError, match="c.json"):
@@ -80,3 +83,101 @@ def test_missing_shard(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-1.safetensors"}}))
     with pytest.raises(CheckpointError, match="model-1.safetensors.*missing"):
         weight_files(tmp_path, "model")
+
+
+class Boom:  # a pickle that would run a command when unpickled without weights_only
+    def __reduce__(self):
+        return os.system, ("echo pwned",)
+
+
+def test_legacy_and_raw_pickles(tmp_path):
+    # torch.save's legacy (non-zip) format cannot be memory-mapped: it is read whole when it holds plain tensors, and
+    # refused as "not a plain tensor pickle" (never blamed on mmap) when it holds objects, like the zip format.
+    sd = tiny().state_dict()
+    torch.save(sd, tmp_path / "legacy_ok.bin", _use_new_zipfile_serialization=False)
+    assert torch.equal(open_checkpoint(tmp_path / "legacy_ok.bin")["0.weight"], sd["0.weight"])
+    torch.save({**sd, "hparams": argparse.Namespace(lr=1)}, tmp_path / "legacy.ckpt", _use_new_zipfile_serialization=False)
+    for protocol in (2, 4):  # torch's legacy loader and its weights-only unpickler fail differently on the two
+        with open(tmp_path / f"raw{protocol}.pt", "wb") as f:
+            pickle.dump({"w": Boom()}, f, protocol=protocol)
+    for name, why in [("legacy.ckpt", "it pickles argparse.Namespace"), ("raw2.pt", r"it pickles \S*system"),
+                      ("raw4.pt", "Unsupported operand")]:
+        with pytest.raises(CheckpointError, match=rf"{name}.*not a plain tensor pickle \({why}.*safetensors") as err:
+            open_checkpoint(tmp_path / name)
+        assert "mmap" not in str(err.value)
+    with open(tmp_path / "plain.pt", "wb") as f:
+        pickle.dump({"w": 1.0}, f, protocol=2)
+    with pytest.raises(CheckpointError, match="plain.pt: cannot load, corrupt or not a torch.save file"):
+        open_checkpoint(tmp_path / "plain.pt")
+    (tmp_path / "cut.bin").write_bytes((tmp_path / "legacy_ok.bin").read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="cut.bin: cannot load, corrupt.*EOFError"):
+        open_checkpoint(tmp_path / "cut.bin")
+
+
+def test_missing_weights_name_the_real_file_names(tmp_path):
+    # transformers writes model.safetensors and pytorch_model.bin; nobody writes pytorch_model.safetensors
+    for stem in ("model", "pytorch_model"):
+        with pytest.raises(CheckpointError) as err:
+            weight_files(tmp_path, stem)
+        msg = str(err.value)
+        assert "model.safetensors or pytorch_model.bin" in msg and "pytorch_model.safetensors" not in msg, msg
+        assert "model.safetensors.index.json" in msg and "pytorch_model.bin.index.json" in msg
+    with pytest.raises(CheckpointError, match="diffusion_pytorch_model.safetensors or diffusion_pytorch_model.bin"):
+        weight_files(tmp_path, "diffusion_pytorch_model")
+    save_file(tiny().state_dict(), tmp_path / "model.safetensors")
+    assert weight_files(tmp_path, "pytorch_model") == [tmp_path / "model.safetensors"]  # either stem finds either file
+
+
+def test_clip_folder_without_weights(tmp_path):
+    import vit
+
+    cfg = dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, patch_size=4,
+               image_size=8, layer_norm_eps=1e-5)
+    (tmp_path / "config.json").write_text(json.dumps({"vision_config": cfg}))
+    with pytest.raises(CheckpointError) as err:
+        vit.VisionTransformer.from_pretrained(tmp_path)
+    msg = str(err.value)
+    assert "model.safetensors" in msg and "pytorch_model.bin" in msg and "pytorch_model.safetensors" not in msg, msg
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_refused(tmp_path, bad):
+    sd = tiny().state_dict()
+    sd["1.bias"] = sd["1.bias"].clone()
+    sd["1.bias"][2] = bad
+    save_file(sd, tmp_path / "broken.safetensors")
+    torch.save(sd, tmp_path / "broken.bin")
+    for f in ("broken.safetensors", "broken.bin"):
+        with pytest.raises(CheckpointError, match=rf"broken\.{f.split('.')[1]}: tensor '1\.bias' holds .*broken"):
+            load_strict(meta_tiny(), open_checkpoint(tmp_path / f), "src")
+    with pytest.raises(CheckpointError, match=r"src: tensor '1\.bias'"):  # a plain dict: named by `source`
+        load_strict(meta_tiny(), sd, "src")
+    for tensors in (sd, open_checkpoint(tmp_path / "broken.safetensors")):  # for loaders not using load_strict
+        with pytest.raises(CheckpointError, match=r"tensor '1\.bias' holds"):
+            check_finite(tensors, str(tmp_path / "broken.safetensors"))
+    check_finite(tiny().state_dict(), "fine")
+
+
+def test_fp16_overflow_refused(tmp_path):
+    sd = tiny().state_dict()
+    sd["0.weight"] = sd["0.weight"] * 1e6  # finite in fp32, inf in fp16
+    save_file(sd, tmp_path / "big.safetensors")
+    load_strict(meta_tiny(), open_checkpoint(tmp_path / "big.safetensors"), "big")  # fine in fp32
+    with pytest.raises(CheckpointError, match=r"big\.safetensors: tensor '0\.weight' overflows torch.float16"):
+        load_strict(meta_tiny(), open_checkpoint(tmp_path / "big.safetensors"), "big", dtype=torch.float16)
+
+
+def test_truncated_or_corrupt_safetensors(tmp_path):
+    # What MMI.load meets when a training run was killed mid-save or a copy was cut: a CheckpointError, no traceback
+    # from safetensors, whether the header or the data is damaged.
+    save_file(tiny().state_dict(), tmp_path / "good.safetensors")
+    data = (tmp_path / "good.safetensors").read_bytes()
+    header = int.from_bytes(data[:8], "little")
+    for name, damaged in [("data_cut", data[:-4]), ("half", data[: len(data) // 2]), ("header_cut", data[: 8 + header // 2]),
+                          ("empty", b""), ("garbage", data[:8] + b"x" * (len(data) - 8)),
+                          ("huge_header", (1 << 50).to_bytes(8, "little") + data[8:])]:
+        f = tmp_path / name / "model.safetensors"
+        f.parent.mkdir()
+        f.write_bytes(damaged)
+        with pytest.raises(CheckpointError, match=rf"{name}.model\.safetensors: corrupt or truncated"):
+            check_finite(open_checkpoint(f), str(f))
