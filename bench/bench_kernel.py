@@ -3,7 +3,7 @@
     python bench/bench_kernel.py                    # both cases, fp32
     python bench/bench_kernel.py --case llm --dtype bf16 --iters 50
 
-Cases (the shapes MM-Interleaved runs; see design/official.md):
+Cases (the shapes MM-Interleaved runs; see docs/official.md):
     llm   MMFS in the LLM: B=1, Q=2048 text tokens, 4 images x 3 levels (32/16/8), 16 heads x 64, 8 points
     unet  MMFS on a U-Net skip: B=2 (guidance pair), Q=64*64 pixels, 1 image x 4 levels (64/32/16/8), 16 heads x 32,
           8 points

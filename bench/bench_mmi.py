@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+from generate import generate  # noqa: E402
 from mmi import MMI, MMIConfig  # noqa: E402
 
 
@@ -39,14 +40,14 @@ def tiny_batch(model, tok, batch_size, seq_len, step=0):
 def bench_step(args):
     torch.manual_seed(0)
     model = MMI(MMIConfig.from_name("tiny")).train()
-    tok = model.tokenizer()
+    tok = model.tok
     batch = tiny_batch(model, tok, args.batch_size, args.seq_len)
     counts = model.param_counts()
     print(f"tiny: {sum(t for t, _ in counts.values()) / 1e6:.2f} M params "
           f"({', '.join(f'{k} {t / 1e6:.2f}' for k, (t, _) in counts.items() if t)})")
     lay = model.layout(batch["tokens"], batch["doc_ids"])
     print(f"batch: {tuple(batch['tokens'].shape)} tokens, {batch['images'].shape[0]} images "
-          f"({int(lay['has_context'].sum())} with image loss)")
+          f"({int(lay.has_context.sum())} with image loss)")
     opt = torch.optim.AdamW(model.param_groups(0.05))
 
     def step():
@@ -72,14 +73,14 @@ def bench_step(args):
         tgt = model.text_targets(tokens)
         torch.nn.functional.cross_entropy(model.logits(h[:, :-1]).flatten(0, 1), tgt.flatten()).backward()
     h = model.llm.forward_hidden(embeds=model.embed(tokens, emb), ctx=ctx).detach()
-    sel = lay["has_context"].nonzero(as_tuple=True)[0]
+    sel = lay.has_context.nonzero(as_tuple=True)[0]
     dec, dshapes = model.flatten_maps(maps)
 
     def decoder():
-        cond = model.condition(h, lay["rows"][sel], lay["start"][sel], lay["pos"][sel])
+        cond = model.condition(h, lay.rows[sel], lay.start[sel], lay.pos[sel])
         x0 = model.to_latent(images[sel])
         t = torch.randint(0, 1000, (len(sel),))
-        values, visible = model.decoder_values(dec, dshapes, lay["prev"][sel])
+        values, visible = model.decoder_values(dec, dshapes, lay.prev[sel])
         model.denoise(x0, t, cond, values, visible).square().mean().backward()
     parts = {name: timeit(fn, args.n) for name, fn in [("vision", vision), ("llm", llm), ("decoder", decoder)]}
     print(f"training step (fwd+bwd+AdamW): {total * 1000:.0f} ms  = "
@@ -92,14 +93,14 @@ def bench_generate(args, model=None, tok=None):
     if model is None:
         torch.manual_seed(0)
         model = MMI(MMIConfig.from_name("tiny"))
-        tok = model.tokenizer()
+        tok = model.tok
     model.eval()
     prompt = [data.render(data.random_scene(__import__("random").Random(0)), model.cfg.image_size), "the red"]
     n, calls = 64, []
     plain = model.llm.forward_hidden
     model.llm.forward_hidden = lambda *a, **k: calls.append(1) or plain(*a, **k)  # count LLM calls (bench only)
     t = time.perf_counter()
-    model.generate(prompt, tok, max_new_tokens=n, max_images=0, temperature=0, repetition_penalty=1.0)
+    generate(model, prompt, max_new_tokens=n, max_images=0, temperature=0, repetition_penalty=1.0)
     dt = time.perf_counter() - t
     del model.llm.forward_hidden
     n_tok = len(calls)  # one prefill + one call per further token
@@ -107,8 +108,8 @@ def bench_generate(args, model=None, tok=None):
           f"{model.cfg.n_image_tokens + 9} tokens with one image)")
     for steps, guidance in [(25, 3.5), (50, 3.5)]:
         t = time.perf_counter()
-        out = model.generate(["a red circle in the centre."], tok, max_new_tokens=1, max_images=1, begin_image=True,
-                             steps=steps, guidance=guidance, temperature=0)
+        out = generate(model, ["a red circle in the centre."], max_new_tokens=1, max_images=1, begin_image=True,
+                       steps=steps, guidance=guidance, temperature=0, sampler="ddpm")
         dt = time.perf_counter() - t
         assert isinstance(out[0], torch.Tensor)
         print(f"image: {dt:.2f} s per image ({steps} DDPM steps, guidance {guidance} = batch 2 per step), "
@@ -127,7 +128,7 @@ def bench_mmfs(args):
     for name, over in configs.items():
         torch.manual_seed(0)
         model = MMI(MMIConfig.from_name("tiny", **over)).eval()
-        tok = model.tokenizer()
+        tok = model.tok
         seq = args.seq_len if name == "tiny" else 512
         batch = tiny_batch(model, tok, 2, seq)
         tokens = batch["tokens"]
@@ -153,7 +154,7 @@ def bench_mmfs(args):
 
 
 def mmfs_flops(cfg: MMIConfig, T=2048, n_images=5):
-    """Analytic multiply-adds per token: one LLM layer vs one MMFS layer (official.md shapes), for the FLOPs ratio
+    """Analytic multiply-adds per token: one LLM layer vs one MMFS layer (docs/official.md shapes), for the FLOPs ratio
     of the whole LLM. Images: levels 2-4 of the adapter = 21 x 21 base-grid cells (1344 values at 224 px)."""
     D, H, L = cfg.llm["dim"], cfg.llm["hidden_dim"], cfg.llm["n_layers"]
     M, hd, P, Dv = cfg.mmfs_heads, cfg.mmfs_head_dim, cfg.mmfs_points, cfg.vision["hidden_size"]
