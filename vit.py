@@ -8,7 +8,9 @@ The CLIP vision transformer (ViT-L/14 in MM-Interleaved) and the ViT-Adapter tha
     clip_preprocess        Pillow: bicubic resize of the short side, centre crop, CLIP mean/std.
     ViTAdapter             spatial-prior conv stem + interaction blocks (deformable attention from mmfs.py) around
                            contiguous ranges of the ViT's layers -> ViT tokens and 4 feature maps (official.md).
-    sincos_2d              fixed 2D sine-cosine position table, shared with the resampler and the U-Net's MMFS.
+    sincos_2d              fixed 2D sine-cosine position table (rows first, as every official table);
+    sincos_2d_resized      one stored square table resized bicubically to another grid: the official way of giving
+                           the adapter levels and the U-Net's MMFS taps their positions.
 """
 import functools
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from mmfs import MMFS, pixel_centres
 from weights import CheckpointError, load_strict, open_checkpoint, read_json, weight_files
@@ -141,6 +144,7 @@ class VisionTransformer(nn.Module):
         self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # sic: the checkpoint's spelling
         self.encoder = nn.ModuleDict({"layers": nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))})
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # only for pooled(); not in forward
+        self.gradient_checkpointing = False  # recompute each block in backward (training with grad only)
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -150,12 +154,18 @@ class VisionTransformer(nn.Module):
         """CLIP-normalised pixels [B, C, H, W] -> hidden_states[0] = pre_layrnorm(embeddings) [B, 1+N, D]."""
         return self.pre_layrnorm(self.embeddings(pixels))
 
+    def run(self, layer, x):
+        """One block; wherever blocks run (here and in the adapter), so gradient_checkpointing covers all uses."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(layer, x, use_reentrant=False)
+        return layer(x)
+
     def forward(self, pixels, return_hidden_states=False):
         """-> last hidden state [B, 1+N, D], or (last, hidden_states) with len(hidden_states) = layers + 1."""
         x = self.embed(pixels)
         hidden = [x]
         for layer in self.blocks:
-            x = layer(x)
+            x = self.run(layer, x)
             hidden.append(x)
         return (x, tuple(hidden)) if return_hidden_states else x
 
@@ -253,16 +263,34 @@ def _sincos_table(h, w, dim):
         angle = pos.reshape(-1, 1) * omega
         return torch.cat([angle.sin(), angle.cos()], 1)
 
-    return torch.cat([encode(x), encode(y)], 1).float()  # (h*w, dim)
+    return torch.cat([encode(y), encode(x)], 1)  # (h*w, dim), float64
 
 
 def sincos_2d(h, w, dim, device=None, dtype=torch.float32):
-    """Fixed 2D sin-cos position embedding of an h x w grid (MAE style), row-major tokens: [h*w, dim].
-    The first half of the channels encodes the column, the second half the row, each as [sin, cos] of
-    position * 10000^(-k / (dim/4)), k = 0 .. dim/4 - 1. Computed in float64, returned as a fresh tensor."""
+    """Fixed 2D sin-cos position embedding of an h x w grid, row-major tokens: [h*w, dim].
+    The first half of the channels encodes the row, the second half the column (official order; MAE's is the
+    reverse), each as [sin, cos] of position * 10000^(-k / (dim/4)), k = 0 .. dim/4 - 1.
+    Computed in float64, returned as a fresh tensor."""
     if dim % 4:
         raise ValueError(f"sincos_2d: dim must be a multiple of 4, got {dim}")
     return _sincos_table(h, w, dim).to(device=device, dtype=dtype, copy=True)
+
+
+@functools.lru_cache(maxsize=32)
+def _resized_table(size, h, w, dim):
+    table = _sincos_table(size, size, dim).T.reshape(1, dim, size, size)
+    return F.interpolate(table, size=(h, w), mode="bicubic", align_corners=False).reshape(dim, h * w).T
+
+
+def sincos_2d_resized(table_size, h, w, dim, device=None, dtype=torch.float32):
+    """The official position table of an h x w map: ONE table_size x table_size sin-cos table resized bicubically
+    (align_corners=False) to h x w, not a fresh table computed at h x w: [h*w, dim]. Official uses: the adapter
+    levels (table at the ViT grid, 16) and the U-Net MMFS taps (table at the latent size, 64 at 512 px)."""
+    if (h, w) == (table_size, table_size):
+        return sincos_2d(h, w, dim, device, dtype)
+    if dim % 4:
+        raise ValueError(f"sincos_2d_resized: dim must be a multiple of 4, got {dim}")
+    return _resized_table(table_size, h, w, dim).to(device=device, dtype=dtype, copy=True)
 
 
 # -----------------------------------------------------------------------------
@@ -310,12 +338,15 @@ def tokens_to_map(t, hw):
     return t.transpose(1, 2).unflatten(2, hw)  # (B, h*w, C) -> (B, C, h, w)
 
 
+EPS = 1e-5  # the interaction blocks' LayerNorms are plain nn.LayerNorm in the official adapter (the SPM's: 1e-6)
+
+
 class Injector(nn.Module):
     """ViT patch tokens read the spatial-prior levels c2..c4. gamma starts at 0: the ViT is unchanged at init."""
 
     def __init__(self, dim, n_heads, n_points, ratio):
         super().__init__()
-        self.query_norm, self.feat_norm = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.query_norm, self.feat_norm = nn.LayerNorm(dim, eps=EPS), nn.LayerNorm(dim, eps=EPS)
         self.attn = deformable(dim, n_heads, 3, n_points, ratio)
         self.gamma = nn.Parameter(torch.zeros(dim))
 
@@ -346,9 +377,9 @@ class Extractor(nn.Module):
 
     def __init__(self, dim, n_heads, n_points, ratio, cffn_ratio):
         super().__init__()
-        self.query_norm, self.feat_norm = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.query_norm, self.feat_norm = nn.LayerNorm(dim, eps=EPS), nn.LayerNorm(dim, eps=EPS)
         self.attn = deformable(dim, n_heads, 1, n_points, ratio)
-        self.ffn_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.ffn_norm = nn.LayerNorm(dim, eps=EPS)
         self.ffn = ConvFFN(dim, int(dim * cffn_ratio))
 
     def forward(self, c, ref, x, x_shape, c_shapes):
@@ -366,11 +397,11 @@ class Interaction(nn.Module):
         self.extra_extractors = nn.ModuleList(Extractor(dim, n_heads, n_points, ratio, cffn_ratio)
                                               for _ in range(n_extra))
 
-    def forward(self, x, c, layers, grid, c_shapes, vit_ref, c_ref):
+    def forward(self, x, c, vit, layers, grid, c_shapes, vit_ref, c_ref):
         # The class token takes no part in the exchange with the spatial prior; the ViT layers see it as usual.
         x = torch.cat([x[:, :1], self.injector(x[:, 1:], vit_ref, c, c_shapes)], 1)
         for layer in layers:
-            x = layer(x)
+            x = vit.run(layer, x)
         for extractor in [self.extractor, *self.extra_extractors]:
             c = extractor(c, c_ref, x[:, 1:], grid, c_shapes)
         return x, c
@@ -383,13 +414,15 @@ class ViTAdapter(nn.Module):
     matches the ViT grid and the maps come out at 4x, 2x, 1x, 1/2x the grid (64, 32, 16, 8 officially).
     The ViT's layers are split into n_blocks contiguous ranges ([0-5], [6-11], ... for 24 layers), each wrapped by
     an interaction block; the ViT's own weights stay in self.vit (freeze them as the paper does, or not).
+    n_heads None: the ViT's head count (official).
     """
 
-    def __init__(self, vit: VisionTransformer, n_blocks=4, n_heads=16, n_points=4, deform_ratio=0.5,
+    def __init__(self, vit: VisionTransformer, n_blocks=4, n_heads=None, n_points=4, deform_ratio=0.5,
                  cffn_ratio=0.25, n_extra_extractors=2, spm_channels=64):
         super().__init__()
         cfg = vit.cfg
         D, n = cfg.hidden_size, cfg.num_hidden_layers
+        n_heads = n_heads or cfg.num_attention_heads
         self.vit = vit
         self.grid = cfg.image_size // cfg.patch_size
         self.spm_size = 16 * self.grid
@@ -406,42 +439,52 @@ class ViTAdapter(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self):
-        for name, m in self.named_modules():
-            if name.startswith("vit") or name == "":
-                continue
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
+        """The official initialisation: PyTorch's defaults, MSDeformAttn's own, then transformers' CLIP init zeroes
+        every Linear bias, the sampling offsets' included (the ring of Deformable DETR is lost: offsets start at 0)."""
+        own = [m for name, m in self.named_modules() if name and not name.startswith("vit")]
+        for m in own:
+            if hasattr(m, "reset_parameters") and not isinstance(m, MMFS):
+                m.reset_parameters()
+        for m in own:  # pre-order: an MMFS comes before its Linears
+            if isinstance(m, MMFS):
+                m.reset_parameters()
+            elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
-                nn.init.normal_(m.weight, 0, (2.0 / fan_out) ** 0.5)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, MMFS):
-                m.reset_parameters()  # its own (Deformable DETR) initialisation; runs after its Linears above
         nn.init.zeros_(self.level_embed)
         for block in self.interactions:
             nn.init.zeros_(block.injector.gamma)
 
-    def forward(self, images01):
-        D, g = self.vit.cfg.hidden_size, self.grid
-        x = self.vit.embed(normalize(resize01(images01, self.vit.cfg.image_size)))  # (B, 1+g*g, D)
-        spm_in = normalize(resize01(images01, self.spm_size)).to(self.level_embed.dtype)
-        c1, *cs = self.spm(spm_in)
+    def positions(self, h, w, device=None, dtype=torch.float32):
+        """[D, h, w] the position table of an h x w map: the ViT grid's sin-cos table resized (official)."""
+        D = self.vit.cfg.hidden_size
+        return sincos_2d_resized(self.grid, h, w, D, device, dtype).T.reshape(D, h, w)
+
+    def forward(self, images01, positions=True):
+        """positions: add self.positions to each map (what MMFS reads); False: the adapter's own output."""
+        g = self.grid
+        x = normalize(resize01(images01, self.vit.cfg.image_size))
+        # the spatial prior sees the normalised ViT input resized bilinearly (official)
+        spm_in = F.interpolate(x, size=(self.spm_size,) * 2, mode="bilinear", align_corners=False)
+        x = self.vit.embed(x)  # (B, 1+g*g, D)
+        c1, *cs = self.spm(spm_in.to(self.level_embed.dtype))
         c_shapes = [tuple(m.shape[-2:]) for m in cs]  # c2, c3, c4: (2g, 2g), (g, g), (g/2, g/2)
         c = torch.cat([m.flatten(2).transpose(1, 2) + self.level_embed[i] for i, m in enumerate(cs)], 1)  # (B, S, D)
         vit_ref = pixel_centres(g, g, device=x.device)
         c_ref = torch.cat([pixel_centres(h, w, device=x.device) for h, w in c_shapes])
 
+        xs = []  # the patch tokens after each interaction block, as maps: x1..x4 (B, D, g, g)
         for block, (a, b) in zip(self.interactions, self.ranges):
-            x, c = block(x, c, self.vit.blocks[a:b], (g, g), c_shapes, vit_ref, c_ref)
+            x, c = block(x, c, self.vit, self.vit.blocks[a:b], (g, g), c_shapes, vit_ref, c_ref)
+            xs.append(tokens_to_map(x[:, 1:], (g, g)).to(c.dtype))
 
         c2, c3, c4 = (tokens_to_map(t, hw) for t, hw in zip(c.split([h * w for h, w in c_shapes], 1), c_shapes))
-        x3 = tokens_to_map(x[:, 1:], (g, g)).to(c.dtype)  # (B, D, g, g)
-        c1 = self.up(c2) + c1 + F.interpolate(x3, size=c1.shape[-2:], mode="bilinear", align_corners=False)
-        c2 = c2 + F.interpolate(x3, size=c2.shape[-2:], mode="bilinear", align_corners=False)
-        c3 = c3 + x3
-        c4 = c4 + F.max_pool2d(x3, 3, 2, 1)
-        maps = [m + sincos_2d(*m.shape[-2:], D, m.device, m.dtype).T.reshape(D, *m.shape[-2:])
-                for m in (c1, c2, c3, c4)]
+        c1 = self.up(c2) + c1
+        # level i adds the tokens after interaction block i (official: 4 blocks; fewer blocks spread evenly),
+        # bilinearly resized: x1 up 4x, x2 up 2x, x3 as is, x4 down 2x (= a 2x2 average)
+        xs = [xs[i * len(xs) // 4] for i in range(4)]
+        maps = [m + (xi if xi.shape[-2:] == m.shape[-2:] else
+                     F.interpolate(xi, size=m.shape[-2:], mode="bilinear", align_corners=False))
+                for m, xi in zip((c1, c2, c3, c4), xs)]
+        if positions:
+            maps = [m + self.positions(*m.shape[-2:], m.device, m.dtype) for m in maps]
         return x, maps
