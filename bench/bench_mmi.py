@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import world  # noqa: E402
 from generate import generate  # noqa: E402
 from mmi import MMI, MMIConfig  # noqa: E402
 
@@ -32,8 +33,7 @@ def timeit(fn, n, warmup=1):
 
 
 def tiny_batch(model, tok, batch_size, seq_len, step=0):
-    ds = data.SyntheticDataset(tok, model.cfg.boi_id, model.cfg.image_id, model.cfg.n_image_tokens, seq_len,
-                               image_size=model.cfg.image_size)
+    ds = data.SyntheticDataset(tok, model.cfg.n_image_tokens, seq_len, image_size=model.cfg.image_size)
     return ds.batch(step, batch_size)
 
 
@@ -95,7 +95,7 @@ def bench_generate(args, model=None, tok=None):
         model = MMI(MMIConfig.from_name("tiny"))
         tok = model.tok
     model.eval()
-    prompt = [data.render(data.random_scene(__import__("random").Random(0)), model.cfg.image_size), "the red"]
+    prompt = [world.render(world.random_scene(__import__("random").Random(0)), model.cfg.image_size), "the red"]
     n, calls = 64, []
     plain = model.llm.forward_hidden
     model.llm.forward_hidden = lambda *a, **k: calls.append(1) or plain(*a, **k)  # count LLM calls (bench only)
