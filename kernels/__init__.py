@@ -4,6 +4,8 @@
         CUDA tensors -> [B, Q, M*D], differentiable in value, locations and weights. The .cu is compiled on first use,
         through NVRTC (torch.cuda._compile_kernel, ~0.5 s, no toolkit needed) or else nvcc + ctypes; when neither
         works it raises KernelUnavailable with the reasons, and mmfs.deform_attn falls back to the torch reference.
+        The first call per device and dtype also checks the kernel against the torch reference on a small case,
+        forward and backward (checked); if they disagree it raises KernelUnavailable naming the max error, from then on.
     cpu_emulated_deform_attn(..., threads=64, blocks=None)
         The same .cu compiled by g++ (portable.cuh emulates CUDA threads on the CPU) and called through ctypes: how the
         tests check the kernel's arithmetic, indexing and atomics without a GPU. fp32 and fp64.
@@ -204,6 +206,10 @@ def _device_guard(t):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def _compute_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     """Check shapes and level layout (a wrong S would make the kernel read out of bounds), cast to the compute dtype
     (fp64 stays fp64, everything else runs in fp32) and make everything contiguous on value's device."""
@@ -229,18 +235,30 @@ def _prepare(value, spatial_shapes, level_start_index, sampling_locations, atten
         total += hw[2 * l] * hw[2 * l + 1]
     if total != S or starts != expect or min(hw, default=1) < 1:
         raise ValueError(f"spatial_shapes {hw} / level_start_index {starts} do not describe value's S={S} rows")
-    dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
+    dtype = _compute_dtype(value.dtype)
     return (value.to(dtype).contiguous(), spatial_shapes.to(dev, torch.int64).contiguous(),
             level_start_index.to(dev, torch.int64).contiguous(), sampling_locations.to(dev, dtype).contiguous(),
             attention_weights.to(dev, dtype).contiguous())
 
 
 def cuda_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    """The CUDA kernel (see module docstring); raises KernelUnavailable when it cannot run here."""
+    """The CUDA kernel (see module docstring); raises KernelUnavailable when it cannot run here, or when it failed its
+    first-call self-check against the torch reference on this device and dtype."""
+    _require_cuda(value)
+    checked(_cuda_kernel, value.device, _compute_dtype(value.dtype))
+    return _cuda_kernel(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
+def _require_cuda(value):
     if not value.is_cuda:
         raise KernelUnavailable(f"cuda_deform_attn needs CUDA tensors, got value on {value.device}")
     if not torch.cuda.is_available():
         raise KernelUnavailable("CUDA is not available")
+    _gpu_backend(value.device)  # built once per device; a failure is remembered and raised again
+
+
+def _cuda_kernel(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """The kernel on CUDA tensors, without the self-check."""
     backend = _gpu_backend(value.device)
     args = _prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
@@ -265,3 +283,65 @@ def cpu_emulated_deform_attn(value, spatial_shapes, level_start_index, sampling_
         return (blocks or math.ceil(n / threads)), threads
 
     return _DeformAttn.apply(backend, config, *args).to(value.dtype)
+
+
+# --------------------------------------------------------------------------------------------- first-call self-check
+# The CPU tests run this source through g++, never through nvcc/NVRTC on a real GPU. So on the first call per device
+# and compute dtype the kernel must agree with mmfs.deform_attn_reference on a small random case, forward and
+# backward; if it does not, cuda_deform_attn raises KernelUnavailable (with the max error) for the rest of the process,
+# and mmfs.deform_attn warns once and uses the reference.
+
+SELF_CHECK_TOL = {torch.float32: 1e-3, torch.float64: 1e-9}  # max error / max(1, the reference's largest magnitude)
+_CHECKED = {}  # (device, compute dtype) -> None if the kernel passed, else the KernelUnavailable it failed with
+
+
+def self_check_error(kernel, device, dtype):
+    """(error, what): the kernel's largest error against the reference over the output and the gradients of value,
+    locations and weights, each relative to the reference's largest magnitude (at least 1). NaN counts as inf."""
+    from mmfs import deform_attn_reference  # lazily: mmfs imports this module lazily too
+
+    g = torch.Generator().manual_seed(0)
+    shapes = torch.tensor([(5, 7), (3, 4), (1, 1)] * 2)  # two images of three levels, one level 1x1
+    areas = shapes.prod(1)
+    starts = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
+    B, Q, M, D, L, P = 2, 6, 2, 8, len(shapes), 3
+    value = torch.randn(B, int(areas.sum()), M, D, generator=g, dtype=torch.float64)
+    # points inside a cell, at a fraction in [0.1, 0.9] of it: the location gradient jumps on pixel-centre lines, where
+    # the kernel and grid_sample may round to different sides. Cells from outside the map to one past its far edge.
+    size = shapes.flip(1).to(torch.float64).view(1, 1, 1, L, 1, 2)  # (W, H) per level, matching (x, y)
+    cell = torch.minimum(torch.randint(-2, 8, (B, Q, M, L, P, 2), generator=g).to(torch.float64), size)
+    loc = (cell + 0.1 + 0.8 * torch.rand(cell.shape, generator=g, dtype=torch.float64) + 0.5) / size
+    attn = torch.rand(B, Q, M, L, P, generator=g, dtype=torch.float64).softmax(-1)
+    grad_out = torch.randn(B, Q, M * D, generator=g, dtype=torch.float64).to(device, dtype)
+    shapes, starts = shapes.to(device), starts.to(device)
+    results = []
+    for fn in (kernel, deform_attn_reference):
+        leaves = [t.to(device, dtype).requires_grad_() for t in (value, loc, attn)]
+        out = fn(leaves[0], shapes, starts, leaves[1], leaves[2])
+        results.append([out.detach(), *torch.autograd.grad(out, leaves, grad_out)])
+    worst = (0.0, "output")
+    for what, got, want in zip(["output", "value gradient", "location gradient", "weight gradient"], *results):
+        err = ((got - want).abs().max() / want.abs().max().clamp_min(1)).item()
+        err = math.inf if math.isnan(err) else err
+        if err > worst[0]:
+            worst = (err, what)
+    return worst
+
+
+def checked(kernel, device, dtype):
+    """Self-check `kernel` once per (device, dtype); raise KernelUnavailable, now and on every later call, if it
+    failed. Runs with autograd on and autocast off whatever the caller's mode (inference, no_grad, autocast)."""
+    key = (str(device), dtype)
+    if key not in _CHECKED:
+        try:
+            with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+                err, what = self_check_error(kernel, device, dtype)
+            failure = None if err <= SELF_CHECK_TOL[dtype] else f"max error {err:.2e} in the {what}"
+        except KernelUnavailable:
+            raise
+        except Exception as e:  # a launch or shape error is a failed check too
+            failure = f"it raised {type(e).__name__}: {' '.join(str(e).split())[:500]}"  # one line for the warning
+        _CHECKED[key] = failure and KernelUnavailable(
+            f"self-check against mmfs.deform_attn_reference failed on {device}, {dtype}: {failure}")
+    if _CHECKED[key] is not None:
+        raise _CHECKED[key]

@@ -339,3 +339,81 @@ def test_gpu_build_failures_become_kernel_unavailable(monkeypatch):
         with pytest.raises(kernels.KernelUnavailable, match="NVRTC: RuntimeError: nvrtc says no.*nvcc not found"):
             kernels._gpu_backend(torch.device("cuda", 0))
     assert calls == ["nvrtc", "sm_90"]
+
+
+# ------------------------------------------------------------------------------------------ first-call self-check
+
+def perturbed(where):
+    """The emulated kernel with a planted bug in its forward output or only in its value gradient."""
+    calls = []
+
+    def kernel(value, *rest):
+        calls.append(value.dtype)
+        out = kernels.cpu_emulated_deform_attn(value, *rest)
+        if where == "forward":
+            return out + 0.05  # gradients unchanged
+        return out + 0.1 * (value - value.detach()).sum()  # forward unchanged, every value gradient off
+
+    return kernel, calls
+
+
+@pytest.fixture
+def cpu_as_cuda(monkeypatch):
+    """Route kernels.cuda_deform_attn (and mmfs.deform_attn's dispatch) to a stand-in kernel on CPU tensors."""
+    import mmfs
+
+    monkeypatch.setattr(kernels, "_CHECKED", {})
+    monkeypatch.setattr(kernels, "_require_cuda", lambda value: None)
+    monkeypatch.setattr(mmfs, "_kernel_failed", False)
+    monkeypatch.setattr(mmfs, "_wants_kernel", lambda value: not mmfs._kernel_failed)
+    return lambda kernel: monkeypatch.setattr(kernels, "_cuda_kernel", kernel)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_self_check_passes_the_emulated_kernel(dtype):
+    err, what = kernels.self_check_error(kernels.cpu_emulated_deform_attn, torch.device("cpu"), dtype)
+    assert err < kernels.SELF_CHECK_TOL[dtype] / 100, (err, what)
+
+
+@pytest.mark.parametrize("where,what", [("forward", "output"), ("backward", "value gradient")])
+def test_wrong_kernel_warns_once_and_falls_back(cpu_as_cuda, where, what, recwarn):
+    import mmfs
+
+    kernel, calls = perturbed(where)
+    cpu_as_cuda(kernel)
+    args = make_case(CASES["two_images_three_levels"], dtype=torch.float32)
+    with torch.no_grad():  # as in generation: the check still runs its backward
+        outs = [mmfs.deform_attn(*args) for _ in range(3)]
+    assert len(calls) == 1  # only the self-check ran it
+    messages = [str(w.message) for w in recwarn if "mmfs" in str(w.message)]
+    assert len(messages) == 1 and "\n" not in messages[0], messages
+    assert "self-check" in messages[0] and "max error" in messages[0] and f"in the {what}" in messages[0]
+    for out in outs:
+        torch.testing.assert_close(out, deform_attn_reference(*args), rtol=0, atol=0)
+    with pytest.raises(kernels.KernelUnavailable, match=f"max error .* in the {what}"):
+        kernels.cuda_deform_attn(*args)  # remembered: not checked again
+    assert len(calls) == 1
+
+
+def test_good_kernel_is_checked_once_per_dtype_and_used(cpu_as_cuda, recwarn):
+    import mmfs
+
+    calls = []
+    cpu_as_cuda(lambda value, *rest: calls.append(value.dtype) or kernels.cpu_emulated_deform_attn(value, *rest))
+    args64 = make_case(CASES["tiny_levels"])
+    args32 = [a.float() if a.is_floating_point() else a for a in args64]
+    for args in (args64, args64, args32, [a.bfloat16() if a.is_floating_point() else a for a in args64]):
+        mmfs.deform_attn(*args)
+    # first fp64 call: check + run; second: run; fp32: check + run; bf16 computes in fp32, already checked: run
+    assert calls == [torch.float64] * 3 + [torch.float32] * 2 + [torch.bfloat16]
+    assert not [w for w in recwarn if "mmfs" in str(w.message)]
+    assert kernels._CHECKED == {("cpu", torch.float64): None, ("cpu", torch.float32): None}
+
+
+def test_kernel_that_raises_fails_the_check(cpu_as_cuda):
+    def broken(*args):
+        raise RuntimeError("too many resources requested for launch")
+
+    cpu_as_cuda(broken)
+    with pytest.raises(kernels.KernelUnavailable, match="self-check.*RuntimeError: too many resources"):
+        kernels.cuda_deform_attn(*make_case(CASES["one_level"]))
