@@ -21,6 +21,7 @@ class NoiseSchedule:
     def __init__(self, num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                  prediction_type="epsilon", steps_offset=0, timestep_spacing="leading", set_alpha_to_one=True,
                  clip_sample=True, clip_sample_range=1.0):
+        self.config = {k: v for k, v in locals().items() if k != "self"}  # what rebuilds it (MMIConfig.schedule)
         self.N, self.prediction_type, self.steps_offset = num_train_timesteps, prediction_type, steps_offset
         self.timestep_spacing, self.set_alpha_to_one = timestep_spacing, set_alpha_to_one
         self.clip_sample, self.clip_sample_range = clip_sample, clip_sample_range

@@ -1,22 +1,40 @@
-"""The interleaved generation loop of MM-Interleaved (official.md, "Interleaved generation loop"): sample text with
-the KV cache; at BoI draw an image with the decoder, re-encode it with the vision tower, put it in context, go on.
-`MMI.generate` calls `generate` here; `Session` holds one generation's tokens, image features, cache and states."""
+"""All inference of MM-Interleaved: the interleaved generation loop (official "Interleaved generation loop": sample
+text with the KV cache; at BoI draw an image with the decoder, re-encode it with the vision tower, put it in context,
+go on) and guided image sampling. `Session` holds one generation's tokens, image features, cache and states.
+
+    items = generate(model, ["a red circle in the centre.", ], begin_image=True)   # [str | image [3, H, W] in [0, 1]]
+"""
+import time
+
 import torch
 
+from data import tokenize_document
+from diffusion import cfg_combine
 from llm import sample_next
 from mmi import MMI, VisualContext
 
+# The sampling settings of the demo, of train.py's evaluation and of generate()'s defaults: greedy text (answers
+# are exact), DDIM 25 steps, guidance 2 (the official demo samples text with top_p 0.9 / repetition penalty 1.3 and
+# images with guidance 7.5: pass them to generate / sample.py for the official model)
+SAMPLING = dict(temperature=0.0, top_k=None, top_p=0.9, repetition_penalty=1.0, sampler="ddim", steps=25,
+                guidance=2.0)
+
 
 @torch.no_grad()
-def generate(model, prompt, tok, max_new_tokens=90, max_images=4, begin_image=False, temperature=1.0, top_k=None,
-             top_p=0.9, repetition_penalty=1.3, steps=30, sampler="ddpm", guidance=7.5, generator=None,
-             use_cache=True, max_len=None):
-    """One interleaved loop (official "Interleaved generation loop"): sample text with the KV cache; when BoI
-    comes (or at once with begin_image=True), draw an image with the decoder, re-encode it with the vision
-    tower, put it in context and go on; stop at </s>, max_new_tokens text tokens or max_images images
-    (max_images=0: text only, BoI stops). prompt: list of str / PIL / [3,H,W] tensors.
-    Returns the generated items: str and image tensors [3, H, W] in [0, 1]. temperature 0 = greedy."""
-    ids, images = model.encode_document(prompt, tok, eos=False)
+def generate(model: MMI, prompt, max_new_tokens=90, max_images=4, begin_image=False, generator=None, use_cache=True,
+             max_len=None, timings=None, **sampling):
+    """One interleaved loop continuing `prompt` (a list of str / PIL / [3,H,W] tensors): sample text with the KV
+    cache; when BoI comes (or at once with begin_image=True), draw an image with the decoder, re-encode it with the
+    vision tower, put it in context and go on; stop at </s>, max_new_tokens text tokens or max_images images
+    (max_images=0: text only, BoI stops). sampling: SAMPLING's keys (temperature 0 = greedy).
+    timings: a dict that receives "image_s", the seconds spent drawing images.
+    Returns the generated items: str and image tensors [3, H, W] in [0, 1]."""
+    unknown = sampling.keys() - SAMPLING.keys()
+    if unknown:
+        raise TypeError(f"unknown sampling options {sorted(unknown)}; known: {sorted(SAMPLING)}")
+    opts = {**SAMPLING, **sampling}
+    tok, cfg = model.tok, model.cfg
+    ids, images = tokenize_document(prompt, tok, cfg.n_image_tokens, eos=False)
     s = Session(model, use_cache, max_len or model.llm.cfg.max_seq_len)
     for img in images:
         s.add_image(img)
@@ -24,25 +42,29 @@ def generate(model, prompt, tok, max_new_tokens=90, max_images=4, begin_image=Fa
     out, text, n_text, n_img = [], [], 0, 0
     while True:
         if begin_image and not out and not text:
-            nxt = model.cfg.boi_id
+            nxt = cfg.boi_id
         else:
-            logits[[model.cfg.image_id, tok.pad_id, tok.bos_id]] = float("-inf")  # never sampled
+            logits[[cfg.image_id, tok.pad_id, tok.bos_id]] = float("-inf")  # never sampled
             prev = torch.tensor(s.tokens, device=logits.device)[None]
-            nxt = int(sample_next(logits[None], temperature, top_k, top_p, repetition_penalty, prev, generator))
+            nxt = int(sample_next(logits[None], opts["temperature"], opts["top_k"], opts["top_p"],
+                                  opts["repetition_penalty"], prev, generator))
         if nxt == tok.eos_id:
             break
-        if nxt == model.cfg.boi_id:
-            if n_img >= max_images or len(s.tokens) + 2 + model.cfg.n_image_tokens > s.max_len:
+        if nxt == cfg.boi_id:
+            if n_img >= max_images or len(s.tokens) + 2 + cfg.n_image_tokens > s.max_len:
                 break
             if text:
                 out.append(tok.decode(text))
                 text = []
             s.feed([nxt])
-            img = s.draw(steps, sampler, guidance, generator)
+            t0 = time.time()
+            img = s.draw(opts["steps"], opts["sampler"], opts["guidance"], generator)
+            if timings is not None:
+                timings["image_s"] = timings.get("image_s", 0.0) + time.time() - t0
             out.append(img)
             n_img += 1
             s.add_image(img)
-            logits = s.feed([model.cfg.image_id] * model.cfg.n_image_tokens)
+            logits = s.feed([cfg.image_id] * cfg.n_image_tokens)
             continue
         text.append(nxt)
         n_text += 1
@@ -52,6 +74,29 @@ def generate(model, prompt, tok, max_new_tokens=90, max_images=4, begin_image=Fa
     if text:
         out.append(tok.decode(text))
     return out
+
+
+@torch.no_grad()
+def sample_images(model: MMI, cond, values, visible, steps=25, sampler="ddim", guidance=2.0, generator=None):
+    """cond [n, Q, C] -> images [n, 3, H, W] in [0, 1]; values / visible: the previous images' MMFS features
+    (MMI.decoder_values). The unconditional branch uses the null condition and the same MMFS features (official),
+    projected once for all steps."""
+    n = cond.shape[0]
+    noise = torch.randn(n, model.unet.cfg.in_channels, model.latent, model.latent, generator=generator,
+                        device=cond.device, dtype=model.unet.conv_in.weight.dtype)
+    projected = model.project_decoder_values(values[0][visible])
+    if guidance != 1.0:
+        null = model.null_cond.to(cond.dtype).expand(n, -1, -1)
+        cond2, visible2 = torch.cat([cond, null]), torch.cat([visible, visible])
+        projected2 = [torch.cat([p, p]) for p in projected]
+
+        def fn(x, t):
+            c, u = model.denoise(torch.cat([x, x]), torch.cat([t, t]), cond2, values, visible2, projected2).chunk(2)
+            return cfg_combine(c, u, guidance)
+    else:
+        def fn(x, t):
+            return model.denoise(x, t, cond, values, visible, projected)
+    return model.from_latent(model.schedule.sample(fn, noise, steps=steps, sampler=sampler, generator=generator))
 
 
 class Session:
@@ -95,29 +140,28 @@ class Session:
     def visual_context(self, lay, T0):
         """MMFS context of the positions fed this call: T0 on with the cache (the projected values of add_image),
         all of them without. A BoI just fed has no image yet: its slot is zeros that no token can see."""
-        if not (lay["n_max"] and self.llm_values):
+        if not (lay.n_max and self.llm_values):
             return None
 
         def per_row(x):  # (n_images, S, C) -> (1, n_max, S, C)
-            missing = lay["n_max"] - x.shape[0]
+            missing = lay.n_max - x.shape[0]
             return (torch.cat([x, x.new_zeros(missing, *x.shape[1:])]) if missing else x)[None]
         shapes = self.llm_values[0][1]
         if self.cache is None:
-            return VisualContext(per_row(torch.cat([v for v, _ in self.llm_values])), shapes, lay["visible"])
+            return VisualContext(per_row(torch.cat([v for v, _ in self.llm_values])), shapes, lay.visible)
         projected = {layer: per_row(p) for layer, p in self.projected.items()}
-        return VisualContext(None, shapes, lay["visible"][:, T0:], projected)
+        return VisualContext(None, shapes, lay.visible[:, T0:], projected)
 
     def draw(self, steps, sampler, guidance, generator):
         """Generate the image whose BoI was just fed; MMFS reads the previous image of the document."""
         m = self.m
-        toks = torch.tensor(self.tokens, device=self.device)[None]
-        lay = m.layout(toks)
+        lay = m.layout(torch.tensor(self.tokens, device=self.device)[None])
         h = torch.cat(self.hidden)[None]                                          # (1, T, D)
-        i = len(lay["pos"]) - 1                                                   # the image being drawn
-        cond = m.condition(h, lay["rows"][i:], lay["start"][i:], lay["pos"][i:])
+        i = len(lay.pos) - 1                                                      # the image being drawn
+        cond = m.condition(h, lay.rows[i:], lay.start[i:], lay.pos[i:])
         if self.dec_values:
             dec, shapes = torch.cat([v for v, _ in self.dec_values]), self.dec_values[0][1]
         else:  # no image yet: prev is -1, so this placeholder is never read (MMFS then outputs its bias)
             dec, shapes = cond.new_zeros(1, 4, m.adapter.vit.cfg.hidden_size), torch.tensor([[1, 1]] * 4)
-        values, visible = m.decoder_values(dec, shapes.to(self.device), lay["prev"][i:])
-        return m.sample_images(cond, values, visible, steps, sampler, guidance, generator)[0]
+        values, visible = m.decoder_values(dec, shapes.to(self.device), lay.prev[i:])
+        return sample_images(m, cond, values, visible, steps, sampler, guidance, generator)[0]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from weights import CheckpointError, load_strict, open_checkpoint, read_json, weight_files
@@ -68,18 +69,6 @@ class LLaMAConfig:
         if c.get("head_dim") not in (None, cfg.head_dim):
             raise ValueError(f"head_dim {c['head_dim']} != hidden_size / num_attention_heads")
         return cfg
-
-    @classmethod
-    def from_name(cls, name: str) -> "LLaMAConfig":
-        return cls(**CONFIGS[name])
-
-
-CONFIGS = {
-    "tiny": dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=176, max_seq_len=256),
-    "small": dict(vocab_size=4096, dim=256, n_layers=6, n_heads=8, hidden_dim=688, max_seq_len=1024),
-    "vicuna-7b": dict(dim=4096, n_layers=32, n_heads=32, hidden_dim=11008, norm_eps=1e-5, max_seq_len=4096),
-    "vicuna-13b": dict(dim=5120, n_layers=40, n_heads=40, hidden_dim=13824, norm_eps=1e-5, max_seq_len=4096),
-}
 
 
 class RMSNorm(nn.Module):
@@ -202,6 +191,7 @@ class LLaMA(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.gradient_checkpointing = False
         self._init_buffers()
 
     def _init_buffers(self):
@@ -230,7 +220,10 @@ class LLaMA(nn.Module):
         cos = self.rope_cos[start : start + T].to(h.dtype)  # (T, hd)
         sin = self.rope_sin[start : start + T].to(h.dtype)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, cache, i, ctx)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():  # recompute in backward
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, cache, i, ctx, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, cache, i, ctx)
         if cache is not None:
             cache.length += T
         return self.norm(h)
@@ -346,6 +339,3 @@ def generate(model: LLaMA, tokens, max_new_tokens: int, stop_ids=(), pad_id=None
             break
         logits = model(nxt[:, None], cache=cache)[:, -1]  # decode one token
     return out
-
-
-from tokenizer import ByteTokenizer, Tokenizer  # noqa: E402,F401  (tokenizer.py; re-exported: `from llm import Tokenizer`)

@@ -6,24 +6,25 @@ MM-Interleaved (Tian et al. 2024): one model that reads and writes interleaved t
                       zero-initialised tanh gates; frozen LM head + 2 trainable rows (BoI, <|image|>)
     image decoder     LLM states from the document's <s> to BoI, reversed -> resampler -> U-Net context (unet.py);
                       MMFS on every U-Net skip (zero 1x1 convs) reads the previous image of the document
-All exact choices follow ../shared/design/official.md (cited as "official").
+Exact choices follow the paper (sections 3.1-3.3, appendix A) and the authors' code (OpenGVLab/MM-Interleaved,
+mm_interleaved/models/); docs/official.md lists them.
 
 Public API
     cfg = MMIConfig.from_name("tiny", n_image_tokens=8, **{"llm.n_layers": 6})  # presets: "official", "tiny"
     model = MMI(cfg)                           # random init (tiny: everything trainable, from scratch)
     model = MMI.from_components(clip=..., llm=..., sd=...)   # official folders, paper freezing
-    tok = model.tokenizer()                    # byte / SentencePiece tokenizer + <|beginofimage|>, <|image|>
-    ids, images = model.encode_document(["a caption", pil_image, "more text"], tok)   # the sequence format
+    tok = model.tok                            # the LLM's tokenizer + <|beginofimage|>, <|image|> (tokenizer.py)
+    h, lay, dec = model.hidden_states(tokens, images)        # LLM states [B, T, D], image layout, decoder values
     out = model(batch)                         # dict: loss, text_loss, image_loss, n_text, n_images
-    items = model.generate(["prompt", pil_image, "text"], tok, ...)   # list of str / image tensors [3,H,W] in [0,1]
-                                               # (the interleaved loop itself: generate.py)
+    model.denoise(x_t, t, cond, values, visible)             # U-Net + MMFS prediction (sampling: generate.py)
     model.param_groups(weight_decay)           # AdamW groups: lr / lr_unet / lr_offsets, no decay on 1-D & offsets
     model.set_grad_checkpointing(True)
     model.save(dir); MMI.load(dir)             # model.safetensors + config.json (see save() for what is stored)
+Token format and batches: data.py (tokenize_document, collate); generation: generate.py.
 
-Batch (data.collate): tokens LongTensor [B, T] (<s> text BoI <|image|>*n ... </s>, right-padded with pad_id),
-images FloatTensor [N, 3, H, W] in [0, 1] ordered by row then position (one per BoI), optional doc_ids [B, T]
-(document index per row, -1 on padding; derived from <s> when absent). Other keys are ignored.
+Batch: tokens LongTensor [B, T] (<s> text BoI <|image|>*n ... </s>, right-padded with pad_id), images FloatTensor
+[N, 3, H, W] in [0, 1] ordered by row then position (one per BoI), optional doc_ids [B, T] (document index per
+row, -1 on padding; derived from <s> when absent).
 """
 import functools
 import json
@@ -42,9 +43,11 @@ from tokenizer import mmi_tokenizer
 from diffusion import NoiseSchedule, cfg_combine
 from unet import AutoencoderKL, UNet, UNetConfig, VAEConfig
 from vit import CLIPVisionConfig, ViTAdapter, VisionTransformer, resize01, sincos_1d, sincos_2d, to_tensor01
-from weights import CheckpointError, read_json
+from weights import CheckpointError, check_finite, open_checkpoint, read_json
 
-BOI, IMAGE = "<|beginofimage|>", "<|image|>"
+# The 2 new LM-head rows (BoI, <|image|>): a frozen part (weight 0, bias NEW_ROW_OFFSET) plus a trainable Linear
+# (weight 0, bias BOI_INIT_LOGIT - NEW_ROW_OFFSET): both start at logit BOI_INIT_LOGIT (official)
+NEW_ROW_OFFSET, BOI_INIT_LOGIT = -100.0, -5.0
 
 # -----------------------------------------------------------------------------
 # Configuration
@@ -167,7 +170,7 @@ PRESETS = {
 # Perceiver resampler (Q-Former style, as the official code; one class for both uses)
 
 
-class Attention(nn.Module):
+class ResamplerAttention(nn.Module):
     def __init__(self, dim, kv_dim, n_heads, qk_norm=False, dropout=0.0):
         super().__init__()
         self.n_heads, self.dropout = n_heads, dropout
@@ -191,8 +194,8 @@ class ResamplerLayer(nn.Module):
 
     def __init__(self, dim, media_dim, n_heads, cross, qk_norm, dropout):
         super().__init__()
-        self.self_attn, self.ln1 = Attention(dim, dim, n_heads, qk_norm, dropout), nn.LayerNorm(dim)
-        self.cross_attn = Attention(dim, media_dim, n_heads, qk_norm, dropout) if cross else None
+        self.self_attn, self.ln1 = ResamplerAttention(dim, dim, n_heads, qk_norm, dropout), nn.LayerNorm(dim)
+        self.cross_attn = ResamplerAttention(dim, media_dim, n_heads, qk_norm, dropout) if cross else None
         self.ln2 = nn.LayerNorm(dim) if cross else None
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
         self.ln3, self.drop = nn.LayerNorm(dim), nn.Dropout(dropout)
@@ -221,16 +224,36 @@ class Resampler(nn.Module):
                 nn.init.zeros_(m.bias)
         nn.init.trunc_normal_(self.queries, std=0.02)
         nn.init.normal_(self.out.weight, std=out_std)  # official image resampler: N(0, 1e-3) into the LLM
+        self.gradient_checkpointing = False
+
+    def _run(self, layer, *args):  # recompute in backward when gradient_checkpointing (as unet.UNet._run)
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(layer, *args, use_reentrant=False)
+        return layer(*args)
 
     def forward(self, media, mask=None):  # media (B, S, media_dim), mask (B, S) -> (B, n, out_dim)
         x = self.drop(self.ln_q(self.queries)).expand(media.shape[0], -1, -1)
         for layer in self.layers:
-            x = layer(x, media, mask)
+            x = self._run(layer, x, media, mask)
         return self.out(x)
 
 
 # -----------------------------------------------------------------------------
 # MMFS inside the LLM
+
+
+@dataclass
+class ImageLayout:
+    """Where the N images of a [B, T] batch are (row-major order of their BoI = the order of batch["images"]) and
+    what each token may see (official "which images a token sees"; MMI.layout builds it)."""
+    rows: torch.Tensor         # (N,) row of each image's BoI
+    pos: torch.Tensor          # (N,) position of its BoI
+    start: torch.Tensor        # (N,) first position of its document
+    slot: torch.Tensor         # (N,) index among the images of its row
+    prev: torch.Tensor         # (N,) index of the previous image of the same document, -1 if none
+    has_context: torch.Tensor  # (N,) bool: more than <s> before the BoI (no image loss otherwise)
+    visible: torch.Tensor      # (B, T, n_max) bool: token t sees image slot n of its row
+    n_max: int                 # most images in one row
 
 
 @dataclass
@@ -271,15 +294,6 @@ class GatedMMFS(nn.Module):
 # The model
 
 
-def _skip_channels(ucfg: UNetConfig):
-    """Channels and stride of every tensor UNet.down hands to the up path, then of the mid block."""
-    chs, n = ucfg.block_out_channels, len(ucfg.block_out_channels)
-    out = [(chs[0], 1)]
-    for i in range(n):
-        out += [(chs[i], 2 ** i)] * ucfg.layers_per_block + ([(chs[i], 2 ** (i + 1))] if i < n - 1 else [])
-    return out + [(chs[-1], 2 ** (n - 1))]
-
-
 class MMI(nn.Module):
     def __init__(self, cfg: MMIConfig, vit=None, llm=None, unet=None, vae=None):
         super().__init__()
@@ -296,24 +310,24 @@ class MMI(nn.Module):
                                    cfg.res_cross_every, qk_norm=True, dropout=cfg.res_dropout, out_std=cfg.res_out_std,
                                    init_std=cfg.res_init_std)
         # (2) LLM: MMFS in layers 0, k, 2k, ...; BoI embedding = frozen base row + learnable zero-init vector;
-        # LM head + 2 rows (frozen part: weight 0, bias -100; trainable Linear: weight 0, bias 95 -> BoI logit -5)
+        # LM head + 2 rows (NEW_ROW_OFFSET, BOI_INIT_LOGIT above)
         for i in range(0, self.llm.cfg.n_layers, cfg.mmfs_every) if cfg.use_mmfs else []:
             self.llm.insert(i, GatedMMFS(D, Dv, cfg, self.llm.cfg.norm_eps, self.grid))
         self.register_buffer("boi_base", torch.randn(D) * 0.02)  # stands for the resized table's new row
         self.boi = nn.Parameter(torch.zeros(D))
         self.new_head = nn.Linear(D, 2)
         nn.init.zeros_(self.new_head.weight)
-        nn.init.constant_(self.new_head.bias, 95.0)
+        nn.init.constant_(self.new_head.bias, BOI_INIT_LOGIT - NEW_ROW_OFFSET)
         # (3) image decoder: context projection + 1D sin-cos -> resampler -> U-Net context; MMFS on U-Net skips
         self.unet = unet or UNet(UNetConfig.from_dict(cfg.unet))
-        ucfg, C = self.unet.cfg, self.unet.cfg.cross_attention_dim
+        C = self.unet.cfg.cross_attention_dim
         self.ctx_proj = nn.Linear(D, D)
         self.dec_resampler = Resampler(cfg.dec_queries, cfg.dec_dim, cfg.dec_layers, cfg.dec_heads, D, C)
         self.null_cond = nn.Parameter(torch.randn(cfg.dec_queries, C))  # official: SD's text encoding of ""
         self.vae = vae if vae is not None else AutoencoderKL(VAEConfig.from_dict(cfg.vae)) if cfg.vae else None
         self.latent = cfg.image_size // (8 if self.vae is not None else 1)
         self.dec_norm_v = nn.LayerNorm(Dv)  # values: LayerNorm over all four adapter levels of the previous image
-        taps = _skip_channels(ucfg) if cfg.use_mmfs else []
+        taps = self.unet.taps if cfg.use_mmfs else []
         self.dec_norm_q = nn.ModuleList(nn.LayerNorm(c) for c, _ in taps)
         self.dec_mmfs = nn.ModuleList(
             MMFS(c, Dv, cfg.dec_mmfs_heads, 4, cfg.dec_mmfs_points, head_dim=cfg.dec_mmfs_head_dim,
@@ -351,20 +365,6 @@ class MMI(nn.Module):
         assert (tok.boi_id, tok.image_id) == (self.cfg.boi_id, self.cfg.image_id)
         return tok
 
-    def tokenizer(self):  # TODO(refactor): callers move to model.tok
-        return self.tok
-
-    def encode_document(self, items, tok, bos=True, eos=True):
-        """A document (str / PIL image / [3,H,W] tensor in [0,1] items) -> (token ids, list of image tensors)."""
-        ids, images = [tok.bos_id] if bos else [], []
-        for item in items:
-            if isinstance(item, str):
-                ids += tok.encode(item, bos=False)
-            else:
-                ids += [self.cfg.boi_id] + [self.cfg.image_id] * self.cfg.n_image_tokens
-                images.append(item if torch.is_tensor(item) else to_tensor01(item))
-        return ids + ([tok.eos_id] if eos else []), images
-
     # --- image tokenizer ----------------------------------------------------------------------------------------
     def encode_images(self, images01):
         """[N, 3, H, W] in [0, 1] -> (embeddings [N, n_tok, D] for the <|image|> slots, maps: 4 x [N, Dv, h, w])."""
@@ -380,37 +380,30 @@ class MMI(nn.Module):
         return values, torch.tensor([m.shape[-2:] for m in maps], dtype=torch.long, device=values.device)
 
     # --- sequence -----------------------------------------------------------------------------------------------
-    def layout(self, tokens, doc_ids=None):
-        """Where the images are in a [B, T] batch and what each token may see (official "Which images a token
-        sees"). Images are numbered in row-major order of their BoI, the order of batch["images"]."""
+    def layout(self, tokens, doc_ids=None) -> ImageLayout:
+        """Where the images are in a [B, T] batch and what each token may see: see ImageLayout."""
         B, T = tokens.shape
+        bos, dev = self.tok.bos_id, tokens.device
         if doc_ids is None:
-            doc_ids = (tokens == self.tok_ids["bos"]).long().cumsum(1)
+            doc_ids = (tokens == bos).long().cumsum(1)
         rows, pos = (tokens == self.cfg.boi_id).nonzero(as_tuple=True)  # (N,), (N,)
         N = rows.shape[0]
         doc = doc_ids[rows, pos]
         start = (doc_ids[rows] == doc[:, None]).long().argmax(1)         # first position of the image's document
         first = torch.searchsorted(rows, rows)                           # index of each row's first image
-        slot = torch.arange(N, device=tokens.device) - first             # image index within its row
+        slot = torch.arange(N, device=dev) - first                       # image index within its row
         n_max = int(slot.max()) + 1 if N else 0
-        img_doc = torch.full((B, n_max), -2, dtype=doc.dtype, device=tokens.device).index_put((rows, slot), doc)
-        img_pos = torch.full((B, n_max), T, dtype=pos.dtype, device=tokens.device).index_put((rows, slot), pos)
-        t = torch.arange(T, device=tokens.device)
+        img_doc = torch.full((B, n_max), -2, dtype=doc.dtype, device=dev).index_put((rows, slot), doc)
+        img_pos = torch.full((B, n_max), T, dtype=pos.dtype, device=dev).index_put((rows, slot), pos)
+        t = torch.arange(T, device=dev)
         # token t sees image n iff same document and t is after its BoI (>= its first <|image|>): BoI doesn't see it
         visible = (doc_ids[:, :, None] == img_doc[:, None, :]) & (t[None, :, None] > img_pos[:, None, :])
-        same = torch.zeros(N, dtype=torch.bool, device=tokens.device)
+        same = torch.zeros(N, dtype=torch.bool, device=dev)
         if N > 1:
             same[1:] = (rows[1:] == rows[:-1]) & (doc[1:] == doc[:-1])
-        prev = torch.where(same, torch.arange(N, device=tokens.device) - 1, -1)  # previous image, same document
-        only_bos = (pos == start) | ((pos == start + 1) & (tokens[rows, start] == self.tok_ids["bos"]))
-        return dict(rows=rows, pos=pos, start=start, slot=slot, n_max=n_max, visible=visible, prev=prev,
-                    has_context=~only_bos)
-
-    @property
-    def tok_ids(self):  # special ids the model needs without holding a tokenizer
-        if self.cfg.tokenizer == "byte":
-            return dict(bos=256, eos=257, pad=258 if self.cfg.pad_id is None else self.cfg.pad_id)
-        return dict(bos=1, eos=2, pad=0 if self.cfg.pad_id is None else self.cfg.pad_id)
+        prev = torch.where(same, torch.arange(N, device=dev) - 1, -1)    # previous image, same document
+        only_bos = (pos == start) | ((pos == start + 1) & (tokens[rows, start] == bos))
+        return ImageLayout(rows, pos, start, slot, prev, ~only_bos, visible, n_max)
 
     def embed(self, tokens, image_embeds=None):
         """Token ids [B, T] -> input embeddings: text from the LLM table, BoI = base row + learnable vector,
@@ -424,24 +417,24 @@ class MMI(nn.Module):
             h = h.masked_scatter(slots[..., None], image_embeds.to(h.dtype))
         return h
 
-    def visual_context(self, lay, values, shapes, B):
+    def visual_context(self, lay: ImageLayout, values, shapes, B):
         """Per-row image values [B, n_max, S, Dv] and the visibility mask for the LLM's MMFS layers."""
-        if values is None or lay["n_max"] == 0:
+        if values is None or lay.n_max == 0:
             return None
-        per_row = values.new_zeros(B, lay["n_max"], *values.shape[1:]).index_put((lay["rows"], lay["slot"]), values)
-        return VisualContext(per_row, shapes, lay["visible"])
+        per_row = values.new_zeros(B, lay.n_max, *values.shape[1:]).index_put((lay.rows, lay.slot), values)
+        return VisualContext(per_row, shapes, lay.visible)
 
     def logits(self, h):
         """Frozen LM head for the text vocabulary + the trainable rows of BoI and <|image|> -> [..., V + 2]."""
-        new = self.new_head(h.to(self.new_head.weight.dtype)) - 100.0
+        new = self.new_head(h.to(self.new_head.weight.dtype)) + NEW_ROW_OFFSET
         return torch.cat([self.llm.lm_head(h).float(), new.float()], -1)
 
     def text_targets(self, tokens):
         """Next-token targets, -100 where ignored: pad, <|image|>, <s>, and BoI right after <s> (official)."""
         inp, tgt = tokens[:, :-1], tokens[:, 1:].clone()
-        ids = self.tok_ids
-        ignore = (tgt == ids["pad"]) | (tgt == self.cfg.image_id) | (tgt == ids["bos"]) | \
-                 ((tgt == self.cfg.boi_id) & (inp == ids["bos"]))
+        bos = self.tok.bos_id
+        ignore = (tgt == self.tok.pad_id) | (tgt == self.cfg.image_id) | (tgt == bos) | \
+                 ((tgt == self.cfg.boi_id) & (inp == bos))
         return tgt.masked_fill(ignore, -100)
 
     # --- image decoder ------------------------------------------------------------------------------------------
@@ -499,32 +492,37 @@ class MMI(nn.Module):
         """MMFS values of the previous image of each image to generate (prev = index or -1)."""
         return (dec_values[prev.clamp(min=0)][:, None], shapes), prev >= 0
 
-    # --- training -----------------------------------------------------------------------------------------------
-    def forward(self, batch):
-        tokens = batch["tokens"]
-        B, T = tokens.shape
-        lay = self.layout(tokens, batch.get("doc_ids"))
-        images = batch.get("images")
-        N = lay["rows"].shape[0]
+    # --- the whole model ----------------------------------------------------------------------------------------
+    def hidden_states(self, tokens, images=None, doc_ids=None):
+        """tokens [B, T], images [N, 3, H, W] in [0, 1] (one per BoI, row-major) -> (final LLM states [B, T, D],
+        the ImageLayout, the decoder's MMFS values: (all four adapter levels [N, S, Dv], shapes) or None)."""
+        lay = self.layout(tokens, doc_ids)
+        N = lay.rows.shape[0]
         if (0 if images is None else images.shape[0]) != N:
             raise ValueError(f"batch has {N} BoI tokens but {0 if images is None else images.shape[0]} images")
-        emb = llm_values = dec_values = shapes = None
+        emb = ctx = dec = None
         if N:
             emb, maps = self.encode_images(images)
-            llm_values, shapes = self.flatten_maps(maps[1:])   # levels 32/16/8 (official) for the LLM
-            dec_values, dshapes = self.flatten_maps(maps)      # all four levels for the U-Net
-        ctx = self.visual_context(lay, llm_values, shapes, B)
-        h = self.llm.forward_hidden(embeds=self.embed(tokens, emb), ctx=ctx)   # (B, T, D)
+            ctx = self.visual_context(lay, *self.flatten_maps(maps[1:]), tokens.shape[0])  # levels 32/16/8 px
+            dec = self.flatten_maps(maps)                                                  # all four levels
+        h = self.llm.forward_hidden(embeds=self.embed(tokens, emb), ctx=ctx)              # (B, T, D)
+        return h, lay, dec
+
+    def forward(self, batch):
+        """The two losses of the paper (section 3.3): next-token cross-entropy on text, and the diffusion loss of
+        every image that has text before it, conditioned on the LLM states up to its BoI."""
+        tokens, images = batch["tokens"], batch.get("images")
+        h, lay, dec = self.hidden_states(tokens, images, batch.get("doc_ids"))
         tgt = self.text_targets(tokens)
         text_loss = F.cross_entropy(self.logits(h[:, :-1]).flatten(0, 1), tgt.flatten(), ignore_index=-100)
         n_text = int((tgt != -100).sum())
         if n_text == 0:
             text_loss = h.sum() * 0.0
 
-        sel = lay["has_context"].nonzero(as_tuple=True)[0]  # no image loss when the context is only <s> BoI
+        sel = lay.has_context.nonzero(as_tuple=True)[0]  # no image loss when the context is only <s> BoI
         image_loss = text_loss.new_zeros(())
         if len(sel):
-            cond = self.condition(h, lay["rows"][sel], lay["start"][sel], lay["pos"][sel])
+            cond = self.condition(h, lay.rows[sel], lay.start[sel], lay.pos[sel])
             if self.training:  # classifier-free guidance: the learnable null condition for a random 10%
                 drop = torch.rand(len(sel), device=cond.device) < self.cfg.null_prob
                 cond = torch.where(drop[:, None, None], self.null_cond.to(cond.dtype), cond)
@@ -532,7 +530,7 @@ class MMI(nn.Module):
                 x0 = self.to_latent(images[sel])
             noise = torch.randn_like(x0)
             t = torch.randint(0, self.schedule.N, (len(sel),), device=x0.device)
-            values, visible = self.decoder_values(dec_values, dshapes, lay["prev"][sel])
+            values, visible = self.decoder_values(*dec, lay.prev[sel])
             pred = self.denoise(self.schedule.add_noise(x0, noise, t), t, cond, values, visible)
             image_loss = F.mse_loss(pred.float(), self.schedule.target(x0, noise, t).float())
         loss = text_loss + self.cfg.image_loss_weight * image_loss
@@ -541,34 +539,6 @@ class MMI(nn.Module):
         loss = loss + 0.0 * sum(p.reshape(-1)[0] for p in self.parameters() if p.requires_grad)
         return dict(loss=loss, text_loss=text_loss.detach(), image_loss=image_loss.detach(), n_text=n_text,
                     n_images=len(sel))
-
-    # --- generation ---------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def sample_images(self, cond, values, visible, steps=30, sampler="ddpm", guidance=7.5, generator=None):
-        """cond [n, Q, C] -> images [n, 3, H, W] in [0, 1]; the unconditional branch uses the null condition and
-        the same MMFS features (official), projected once for all steps."""
-        n = cond.shape[0]
-        ch = self.unet.cfg.in_channels
-        noise = torch.randn(n, ch, self.latent, self.latent, generator=generator, device=cond.device,
-                            dtype=self.unet.conv_in.weight.dtype)
-        projected = self.project_decoder_values(values[0][visible])
-        if guidance != 1.0:
-            null = self.null_cond.to(cond.dtype).expand(n, -1, -1)
-            cond2, visible2 = torch.cat([cond, null]), torch.cat([visible, visible])
-            projected2 = [torch.cat([p, p]) for p in projected]
-
-            def fn(x, t):
-                c, u = self.denoise(torch.cat([x, x]), torch.cat([t, t]), cond2, values, visible2, projected2).chunk(2)
-                return cfg_combine(c, u, guidance)
-        else:
-            def fn(x, t):
-                return self.denoise(x, t, cond, values, visible, projected)
-        return self.from_latent(self.schedule.sample(fn, noise, steps=steps, sampler=sampler, generator=generator))
-
-    def generate(self, prompt, tok, **kw):
-        """One interleaved generation (text and images) continuing prompt: see generate.generate."""
-        from generate import generate  # generate.py builds on this module
-        return generate(self, prompt, tok, **kw)
 
     # --- building, saving, training helpers ---------------------------------------------------------------------
     @classmethod
@@ -580,13 +550,11 @@ class MMI(nn.Module):
         lm = LLaMA.from_pretrained(llm, dtype)
         unet = UNet.from_pretrained(sd, torch.float32)
         vae = AutoencoderKL.from_pretrained(sd, torch.float32)
-        sched_file = Path(sd) / "scheduler" / "scheduler_config.json"
-        names = NoiseSchedule.__init__.__code__.co_varnames[1:NoiseSchedule.__init__.__code__.co_argcount]
-        sched = read_json(sched_file) if sched_file.is_file() else PRESETS[preset]["schedule"]
+        has_schedule = (Path(sd) / "scheduler" / "scheduler_config.json").is_file()
+        schedule = NoiseSchedule.from_pretrained(sd).config if has_schedule else PRESETS[preset]["schedule"]
         cfg = MMIConfig.from_name(
             preset, vision=asdict(vit.cfg), llm=asdict(lm.cfg), unet=asdict(unet.cfg), vae=asdict(vae.cfg),
-            schedule={k: v for k, v in sched.items() if k in names},
-            components=dict(clip=str(clip), llm=str(llm), sd=str(sd)), **overrides)
+            schedule=schedule, components=dict(clip=str(clip), llm=str(llm), sd=str(sd)), **overrides)
         model = cls(cfg, vit=vit, llm=lm, unet=unet, vae=vae)
         with torch.no_grad():
             model.boi_base.copy_(lm.embed.weight.float().mean(0))  # as a resized embedding table's new row
@@ -621,14 +589,19 @@ class MMI(nn.Module):
                             ("config.json", lambda f: Path(f).write_text(json.dumps(asdict(self.cfg), indent=1)))]:
             tmp = path / f".{name}.tmp"
             write(str(tmp))
+            os.chmod(tmp, 0o644)  # safetensors creates its files 0600; a model folder is for everyone to read
             os.replace(tmp, path / name)
 
     @classmethod
     def load(cls, path, components=None, map_location="cpu"):
         """Inverse of save(). components: override the official folders recorded in the config."""
-        from safetensors.torch import load_file
         path = Path(path)
-        cfg = MMIConfig(**read_json(path / "config.json"))
+        file = path / "model.safetensors"
+        d = read_json(path / "config.json")
+        unknown = d.keys() - {f.name for f in fields(MMIConfig)}
+        if unknown:
+            raise CheckpointError(f"{path / 'config.json'}: unknown config keys {sorted(unknown)}")
+        cfg = MMIConfig(**d)
         if cfg.components:
             comp = {**cfg.components, **(components or {})}
             keep = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in
@@ -636,14 +609,23 @@ class MMI(nn.Module):
             model = cls.from_components(comp["clip"], comp["llm"], comp["sd"], **keep)
         else:
             model = cls(cfg)
-        tensors = load_file(str(path / "model.safetensors"), device=str(map_location))
-        expected = set(model.state_dict()) - model.official_keys()
-        missing, unexpected = expected - tensors.keys(), tensors.keys() - expected
+        ckpt = open_checkpoint(file)  # the checked reader: a truncated or corrupt file is a CheckpointError
+        tensors = {k: ckpt[k] for k in ckpt}
+        check_finite(tensors, str(file))  # NaN / inf weights would only show as a silent, blank demo
+        expected = model.state_dict()
+        for k in model.official_keys():
+            expected.pop(k)
+        missing, unexpected = expected.keys() - tensors.keys(), tensors.keys() - expected.keys()
         if missing or unexpected:
-            raise CheckpointError(f"{path / 'model.safetensors'}: missing {sorted(missing)[:10]}, "
-                                  f"unexpected {sorted(unexpected)[:10]}")
-        model.load_state_dict(tensors, strict=False)
-        return model
+            raise CheckpointError(f"{file}: missing {sorted(missing)[:10]}, unexpected {sorted(unexpected)[:10]}")
+        with torch.no_grad():
+            for k, target in expected.items():
+                v = tensors[k]
+                if v.shape != target.shape:
+                    raise CheckpointError(f"{file}: tensor {k!r} has shape {tuple(v.shape)}, model expects "
+                                          f"{tuple(target.shape)}")
+                target.copy_(v)
+        return model.to(map_location)
 
     def param_groups(self, weight_decay=0.05, lr=None, lr_unet=None, lr_offsets=None):
         """AdamW groups (official): lr for new modules, lr_unet for the U-Net, lr_offsets for every
@@ -663,16 +645,9 @@ class MMI(nn.Module):
                 for (glr, decay), ps in groups.items()]
 
     def set_grad_checkpointing(self, on=True):
-        """Recompute activations in backward for LLM blocks, ViT blocks, resampler layers and U-Net blocks."""
-        mods = [*self.llm.layers, *self.adapter.vit.blocks, *self.resampler.layers]
-        mods += [m for m in self.unet.modules() if type(m).__name__ in ("ResnetBlock2D", "Transformer2DModel")]
-        for m in mods:
-            if on and "forward" not in m.__dict__:
-                plain = m.forward
-                m.forward = lambda *a, _f=plain, **k: checkpoint(_f, *a, use_reentrant=False, **k) \
-                    if torch.is_grad_enabled() else _f(*a, **k)
-            elif not on and "forward" in m.__dict__:
-                del m.forward
+        """Recompute activations in backward for ViT blocks, resampler layers, LLM blocks and U-Net blocks."""
+        for module in (self.adapter.vit, self.resampler, self.llm, self.unet):
+            module.gradient_checkpointing = on
 
     def param_counts(self):
         """{component: (total, trainable)} parameter counts."""

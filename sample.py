@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from mmi import MMI, PRESETS
+from generate import SAMPLING, generate
+from mmi import MMI, MMIConfig, PRESETS
 from weights import CheckpointError
 
 ROOT = Path(__file__).resolve().parent
@@ -40,12 +41,12 @@ p.add_argument("--out_dir", default="samples")
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--max_new_tokens", type=int, default=160)
 p.add_argument("--max_images", type=int, default=1, help="images the model may draw per prompt")
-p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-p.add_argument("--top_p", type=float, default=0.9)
-p.add_argument("--repetition_penalty", type=float, default=1.0, help="official demo: 1.3")
-p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
-p.add_argument("--steps", type=int, default=25, help="diffusion steps per image")
-p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale (1 = none)")
+p.add_argument("--temperature", type=float, default=SAMPLING["temperature"], help="0 = greedy")
+p.add_argument("--top_p", type=float, default=SAMPLING["top_p"])
+p.add_argument("--repetition_penalty", type=float, default=SAMPLING["repetition_penalty"], help="official demo: 1.3")
+p.add_argument("--sampler", choices=["ddim", "ddpm"], default=SAMPLING["sampler"])
+p.add_argument("--steps", type=int, default=SAMPLING["steps"], help="diffusion steps per image")
+p.add_argument("--guidance", type=float, default=SAMPLING["guidance"], help="classifier-free guidance scale (1 = none)")
 p.add_argument("--device", default="cpu")
 p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
 p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default); tiny models run "
@@ -123,7 +124,6 @@ try:
     if args.ckpt == "random" and any(components):
         model = MMI.from_components(*components, preset=args.preset, dtype=dtype)
     elif args.ckpt == "random":
-        from mmi import MMIConfig
         model = MMI(MMIConfig.from_name(args.preset))
     else:
         ck = Path(args.ckpt)
@@ -135,23 +135,9 @@ try:
 except (CheckpointError, FileNotFoundError, ValueError) as e:
     fail(str(e).splitlines()[0])
 model = model.to(args.device, dtype).eval()
-tok = model.tokenizer()
+tok = model.tok
 print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters from {args.ckpt} "
       f"({time.time() - t0:.1f} s)")
-
-# time spent drawing images, to report text and image speed separately
-image_time = [0.0]
-_sample_images = model.sample_images
-
-
-def timed_sample_images(*a, **k):
-    t = time.time()
-    x = _sample_images(*a, **k)
-    image_time[0] += time.time() - t
-    return x
-
-
-model.sample_images = timed_sample_images
 
 # -----------------------------------------------------------------------------
 # generate, save, write the page
@@ -169,14 +155,13 @@ def save_png(img, name):
 
 sections, n_tokens, n_images, text_time, img_time = [], 0, 0, 0.0, 0.0
 for i, (title, items, draw_first) in enumerate(prompts):
-    image_time[0], t = 0.0, time.time()
-    with torch.no_grad():
-        result = model.generate(items, tok, max_new_tokens=args.max_new_tokens, max_images=args.max_images,
-                                begin_image=draw_first, temperature=args.temperature, top_p=args.top_p,
-                                repetition_penalty=args.repetition_penalty, steps=args.steps,
-                                sampler=args.sampler, guidance=args.guidance, generator=gen)
-    dt = time.time() - t
-    text_time, img_time = text_time + dt - image_time[0], img_time + image_time[0]
+    timings, t = {}, time.time()
+    result = generate(model, items, max_new_tokens=args.max_new_tokens, max_images=args.max_images,
+                      begin_image=draw_first, generator=gen, timings=timings, temperature=args.temperature,
+                      top_p=args.top_p, repetition_penalty=args.repetition_penalty, steps=args.steps,
+                      sampler=args.sampler, guidance=args.guidance)
+    dt, image_s = time.time() - t, timings.get("image_s", 0.0)
+    text_time, img_time = text_time + dt - image_s, img_time + image_s
     n_tokens += sum(len(tok.encode(x, bos=False)) for x in result if isinstance(x, str))
     n_images += sum(1 for x in result if not isinstance(x, str))
     parts = []

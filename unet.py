@@ -253,7 +253,7 @@ class UNet(nn.Module):
 
         self.time_embedding = TimestepEmbedding(chs[0], temb)
         self.conv_in = nn.Conv2d(cfg.in_channels, chs[0], 3, padding=1)
-        skip_chs = [chs[0]]  # channels of every tensor the down path hands to the up path
+        skip_chs, strides = [chs[0]], [1]  # channels and stride of every tensor the down path hands to the up path
         self.down_blocks = nn.ModuleList()
         for i, kind in enumerate(cfg.down_block_types):
             cross = kind.startswith("CrossAttn")
@@ -262,10 +262,14 @@ class UNet(nn.Module):
                 resnets.append(ResnetBlock2D(chs[i - 1] if j == 0 and i > 0 else chs[i], chs[i], temb, G, eps))
                 attns += [attn(chs[i], i)] if cross else []
                 skip_chs.append(chs[i])
+                strides.append(2 ** i)
             down = Downsample2D(chs[i]) if i < n - 1 else None
             skip_chs += [chs[i]] if down else []
+            strides += [2 ** (i + 1)] if down else []
             self.down_blocks.append(Block(resnets, attns, downsample=down))
         c = chs[-1]
+        # (channels, stride) of what `down` returns: each skip, then the mid block (where MMFS taps in)
+        self.taps = list(zip(skip_chs, strides)) + [(c, 2 ** (n - 1))]
         self.mid_block = Block([ResnetBlock2D(c, c, temb, G, eps), ResnetBlock2D(c, c, temb, G, eps)], [attn(c, n - 1)])
         self.up_blocks = nn.ModuleList()
         for i, kind in enumerate(cfg.up_block_types):

@@ -144,9 +144,6 @@ class Checkpoint(Mapping):
     def file_of(self, key: str) -> str:
         return self._where[key]
 
-    def files(self) -> list[str]:
-        return list(self._handles)
-
 
 def component_folder(path: Path, sub: str, config="config.json") -> Path:
     """A pipeline root holds the component in a subfolder (unet/, vae/, scheduler/); a component folder is itself."""

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+from data import tokenize_document  # noqa: E402
 from mmi import MMI, MMIConfig  # noqa: E402
 
 WORDS = {**{c: "colour" for c in data.COLOURS}, **{s: "shape" for s in data.SHAPES},
@@ -28,12 +29,9 @@ WORDS = {**{c: "colour" for c in data.COLOURS}, **{s: "shape" for s in data.SHAP
 
 
 def encode(m, tok, items):
-    ids, imgs = m.encode_document(items, tok)
-    tokens = torch.tensor([ids])
-    emb, maps = m.encode_images(torch.stack(imgs)) if imgs else (None, None)
-    lay = m.layout(tokens)
-    ctx = None if maps is None else m.visual_context(lay, *m.flatten_maps(maps[1:]), 1)
-    return ids, lay, m.llm.forward_hidden(embeds=m.embed(tokens, emb), ctx=ctx), imgs
+    ids, imgs = tokenize_document(items, tok, m.cfg.n_image_tokens)
+    h, lay, _ = m.hidden_states(torch.tensor([ids]), torch.stack(imgs) if imgs else None)
+    return ids, lay, h, imgs
 
 
 @torch.no_grad()
@@ -110,7 +108,7 @@ def drawing(m, tok, n, timesteps=(200, 500, 800)):
     cond, x0 = [], []
     for ex in data.eval_examples("t2i", n, size=m.cfg.image_size):
         ids, lay, h, imgs = encode(m, tok, ex["prompt"] + [data.render(ex["scene"], m.cfg.image_size)])
-        cond.append(m.condition(h, lay["rows"], lay["start"], lay["pos"]))
+        cond.append(m.condition(h, lay.rows, lay.start, lay.pos))
         x0.append(m.to_latent(torch.stack(imgs)))
     cond, x0 = torch.cat(cond), torch.cat(x0)
     _, maps = m.encode_images(torch.zeros(1, 3, m.cfg.image_size, m.cfg.image_size))  # no previous image anywhere
@@ -134,7 +132,7 @@ def main():
     torch.set_num_threads(1)
     torch.manual_seed(0)
     m = (MMI(MMIConfig.from_name("tiny")) if args.model == "random" else MMI.load(args.model)).eval()
-    tok = m.tokenizer()
+    tok = m.tok
     print("reading: teacher-forced accuracy of the next caption token, by word kind")
     for kind, acc in sorted(reading(m, tok, args.n).items()):
         print(f"  {kind:7s} {acc:.3f}")

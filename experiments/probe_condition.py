@@ -54,7 +54,7 @@ class Condition(nn.Module):
         super().__init__()
         self.mode, self.cfg, self.qa_rng = mode, cfg, random.Random(1)
         self.register_parameter("sink", None)
-        self.tok = MMI(cfg).tokenizer()
+        self.tok = MMI(cfg).tok
         D, V = cfg.llm["dim"], cfg.llm["vocab_size"]
         if mode.startswith("objects") or mode == "cells":
             E = C if mode in ("cells", "objects") else D

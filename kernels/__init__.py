@@ -241,11 +241,12 @@ def _prepare(value, spatial_shapes, level_start_index, sampling_locations, atten
             attention_weights.to(dev, dtype).contiguous())
 
 
-def cuda_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+def cuda_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, reference):
     """The CUDA kernel (see module docstring); raises KernelUnavailable when it cannot run here, or when it failed its
-    first-call self-check against the torch reference on this device and dtype."""
+    first-call self-check against `reference` (mmfs.deform_attn_reference, passed in so that this package never
+    imports mmfs back) on this device and dtype."""
     _require_cuda(value)
-    checked(_cuda_kernel, value.device, _compute_dtype(value.dtype))
+    checked(_cuda_kernel, reference, value.device, _compute_dtype(value.dtype))
     return _cuda_kernel(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
@@ -295,11 +296,9 @@ SELF_CHECK_TOL = {torch.float32: 1e-3, torch.float64: 1e-9}  # max error / max(1
 _CHECKED = {}  # (device, compute dtype) -> None if the kernel passed, else the KernelUnavailable it failed with
 
 
-def self_check_error(kernel, device, dtype):
+def self_check_error(kernel, reference, device, dtype):
     """(error, what): the kernel's largest error against the reference over the output and the gradients of value,
     locations and weights, each relative to the reference's largest magnitude (at least 1). NaN counts as inf."""
-    from mmfs import deform_attn_reference  # lazily: mmfs imports this module lazily too
-
     g = torch.Generator().manual_seed(0)
     shapes = torch.tensor([(5, 7), (3, 4), (1, 1)] * 2)  # two images of three levels, one level 1x1
     areas = shapes.prod(1)
@@ -315,7 +314,7 @@ def self_check_error(kernel, device, dtype):
     grad_out = torch.randn(B, Q, M * D, generator=g, dtype=torch.float64).to(device, dtype)
     shapes, starts = shapes.to(device), starts.to(device)
     results = []
-    for fn in (kernel, deform_attn_reference):
+    for fn in (kernel, reference):
         leaves = [t.to(device, dtype).requires_grad_() for t in (value, loc, attn)]
         out = fn(leaves[0], shapes, starts, leaves[1], leaves[2])
         results.append([out.detach(), *torch.autograd.grad(out, leaves, grad_out)])
@@ -328,14 +327,14 @@ def self_check_error(kernel, device, dtype):
     return worst
 
 
-def checked(kernel, device, dtype):
+def checked(kernel, reference, device, dtype):
     """Self-check `kernel` once per (device, dtype); raise KernelUnavailable, now and on every later call, if it
     failed. Runs with autograd on and autocast off whatever the caller's mode (inference, no_grad, autocast)."""
     key = (str(device), dtype)
     if key not in _CHECKED:
         try:
             with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
-                err, what = self_check_error(kernel, device, dtype)
+                err, what = self_check_error(kernel, reference, device, dtype)
             failure = None if err <= SELF_CHECK_TOL[dtype] else f"max error {err:.2e} in the {what}"
         except KernelUnavailable:
             raise

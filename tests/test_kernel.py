@@ -246,7 +246,7 @@ def test_rejects_inconsistent_level_layout():
 def test_cuda_kernel_unavailable_is_reported_as_such():
     args = make_case(CASES["one_level"])
     with pytest.raises(kernels.KernelUnavailable):
-        kernels.cuda_deform_attn(*args)  # CPU tensors (and, on this machine, no CUDA at all)
+        kernels.cuda_deform_attn(*args, reference=deform_attn_reference)  # CPU tensors (and, on this machine, no CUDA at all)
     assert issubclass(kernels.KernelUnavailable, RuntimeError)
 
 
@@ -371,7 +371,8 @@ def cpu_as_cuda(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_self_check_passes_the_emulated_kernel(dtype):
-    err, what = kernels.self_check_error(kernels.cpu_emulated_deform_attn, torch.device("cpu"), dtype)
+    err, what = kernels.self_check_error(kernels.cpu_emulated_deform_attn, deform_attn_reference,
+                                       torch.device("cpu"), dtype)
     assert err < kernels.SELF_CHECK_TOL[dtype] / 100, (err, what)
 
 
@@ -391,7 +392,7 @@ def test_wrong_kernel_warns_once_and_falls_back(cpu_as_cuda, where, what, recwar
     for out in outs:
         torch.testing.assert_close(out, deform_attn_reference(*args), rtol=0, atol=0)
     with pytest.raises(kernels.KernelUnavailable, match=f"max error .* in the {what}"):
-        kernels.cuda_deform_attn(*args)  # remembered: not checked again
+        kernels.cuda_deform_attn(*args, reference=deform_attn_reference)  # remembered: not checked again
     assert len(calls) == 1
 
 
@@ -416,4 +417,4 @@ def test_kernel_that_raises_fails_the_check(cpu_as_cuda):
 
     cpu_as_cuda(broken)
     with pytest.raises(kernels.KernelUnavailable, match="self-check.*RuntimeError: too many resources"):
-        kernels.cuda_deform_attn(*make_case(CASES["one_level"]))
+        kernels.cuda_deform_attn(*make_case(CASES["one_level"]), reference=deform_attn_reference)

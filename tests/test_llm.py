@@ -14,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=56, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=64)
+TINY_CFG = dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=176, max_seq_len=256)
 HF_CONFIGS = {
     "v1.3": dict(rms_norm_eps=1e-6),  # no num_key_value_heads, no rope_theta in config.json
     "v1.5": dict(rms_norm_eps=1e-5, num_key_value_heads=4),
@@ -109,7 +110,7 @@ def test_tied_embeddings(tmp_path):
 
 def tiny_ours(seed=0, **kw):
     torch.manual_seed(seed)
-    return LLaMA(LLaMAConfig(**{**LLaMAConfig.from_name("tiny").__dict__, **kw})).eval()
+    return LLaMA(LLaMAConfig(**{**TINY_CFG, **kw})).eval()
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import generate
+from data import tokenize_document
 from llm import LLaMA, LLaMAConfig
 from mmfs import MMFS
 from mmi import MMI, GatedMMFS, MMIConfig
@@ -51,7 +52,7 @@ def pack(model, tok, docs):
     """Documents -> one packed row (concatenated, as data.py packs them) + the images in order."""
     ids, imgs = [], []
     for d in docs:
-        i, m = model.encode_document(d, tok)
+        i, m = tokenize_document(d, tok, model.cfg.n_image_tokens)
         ids += i
         imgs += m
     return dict(tokens=torch.tensor([ids]), images=torch.stack(imgs))
@@ -69,16 +70,16 @@ def test_config_presets_and_overrides():
 
 def test_layout_visibility_rules():
     model = micro()
-    tok = model.tokenizer()
+    tok = model.tok
     B, I, n = model.cfg.boi_id, model.cfg.image_id, model.cfg.n_image_tokens
     s, e = tok.bos_id, tok.eos_id
     # doc 1: <s> BoI img a BoI img b </s>; doc 2: <s> x BoI img </s>  (one packed row)
     row = [s, B] + [I] * n + [97, B] + [I] * n + [e, s, 120, B] + [I] * n + [e]
     lay = model.layout(torch.tensor([row]))
-    pos = lay["pos"].tolist()
-    assert pos == [1, 3 + n, 7 + 2 * n] and lay["prev"].tolist() == [-1, 0, -1]
-    assert lay["has_context"].tolist() == [False, True, True]  # the first image has only "<s> BoI" as context
-    vis = lay["visible"][0]  # (T, 3)
+    pos = lay.pos.tolist()
+    assert pos == [1, 3 + n, 7 + 2 * n] and lay.prev.tolist() == [-1, 0, -1]
+    assert lay.has_context.tolist() == [False, True, True]  # the first image has only "<s> BoI" as context
+    vis = lay.visible[0]  # (T, 3)
     for t in range(len(row)):
         doc1 = t < 5 + 2 * n
         assert vis[t, 0] == (doc1 and t > pos[0])   # BoI does not see its own image; its <|image|> tokens do
@@ -92,7 +93,7 @@ def test_layout_visibility_rules():
 
 def test_zero_gates_leave_llama_and_unet_unchanged():
     model = micro()
-    tok = model.tokenizer()
+    tok = model.tok
     batch = pack(model, tok, [["a red circle", images(1)[0], "moves"], [images(1, 1)[0], "x"]])
     emb, maps = model.encode_images(batch["images"])
     values, shapes = model.flatten_maps(maps[1:])
@@ -137,7 +138,7 @@ def test_without_mmfs_is_the_plain_models():
     and a training step still runs and trains."""
     model = micro(use_mmfs=False)
     assert not any(isinstance(m, (GatedMMFS, MMFS)) for m in model.llm.modules()) and len(model.dec_mmfs) == 0
-    tok = model.tokenizer()
+    tok = model.tok
     batch = pack(model, tok, [["a red circle", images(1)[0], "moves", images(1, 1)[0]]])
     emb, maps = model.encode_images(batch["images"])
     plain = LLaMA(LLaMAConfig(**model.cfg.llm)).eval()
@@ -156,13 +157,13 @@ def test_without_mmfs_is_the_plain_models():
 
 def test_visibility_in_packed_sequences():
     model = micro(live=True)
-    tok = model.tokenizer()
+    tok = model.tok
     n = model.cfg.n_image_tokens
     batch = pack(model, tok, [["one", images(1, 1)[0], "two", images(1, 2)[0], "three"],
                               ["four", images(1, 3)[0], "five"]])
     toks = batch["tokens"]
     lay = model.layout(toks)
-    p0, p1, p2 = lay["pos"].tolist()
+    p0, p1, p2 = lay.pos.tolist()
 
     def hidden(imgs=None, maps_fn=None):
         emb, maps = model.encode_images(batch["images"] if imgs is None else imgs)
@@ -203,13 +204,13 @@ def test_visibility_in_packed_sequences():
 
 def test_generation_cache_equals_recompute_and_interleaves():
     model = micro(live=True)
-    tok = model.tokenizer()
+    tok = model.tok
     prompt = [images(1, 5)[0], "a blue square", images(1, 6)[0], "then"]
     runs = []
     for use_cache in (True, False):
         g = torch.Generator().manual_seed(0)
-        runs.append(model.generate(prompt, tok, max_new_tokens=6, begin_image=True, temperature=0, steps=3,
-                                   guidance=2.0, generator=g, use_cache=use_cache))
+        runs.append(generate.generate(model, prompt, max_new_tokens=6, begin_image=True, temperature=0, steps=3,
+                                      guidance=2.0, generator=g, use_cache=use_cache))
     a, b = runs
     assert isinstance(a[0], torch.Tensor) and a[0].shape == (3, 16, 16) and isinstance(a[-1], str) and a[-1]
     assert [type(x) for x in a] == [type(x) for x in b]
@@ -218,9 +219,9 @@ def test_generation_cache_equals_recompute_and_interleaves():
             assert x == y
         else:
             torch.testing.assert_close(x, y, atol=1e-4, rtol=0)
-    text_only = model.generate(["hello"], tok, max_new_tokens=5, max_images=0, temperature=0)
+    text_only = generate.generate(model, ["hello"], max_new_tokens=5, max_images=0, temperature=0)
     assert all(isinstance(x, str) for x in text_only)
-    t2i = model.generate(["a red circle"], tok, max_new_tokens=2, max_images=1, begin_image=True, steps=2)
+    t2i = generate.generate(model, ["a red circle"], max_new_tokens=2, max_images=1, begin_image=True, steps=2)
     assert isinstance(t2i[0], torch.Tensor) and t2i[0].shape == (3, 16, 16)
 
 
@@ -228,12 +229,13 @@ def test_generation_projects_each_image_once_per_mmfs_layer():
     # With the cache, an LLM MMFS layer norms + projects an image once, when it enters the context, and reuses it
     # for every later token; the recompute path projects all images at every call. Same logits either way.
     model = micro(live=True, **{"llm.n_layers": 3, "mmfs_every": 2})  # MMFS in layers 0 and 2
-    tok = model.tokenizer()
+    tok = model.tok
     layers = [b.inserted for b in model.llm.layers if b.inserted is not None]
     calls = {}
     hooks = [g.mmfs.value_proj.register_forward_hook(lambda mod, a, out, i=i: calls.update({i: calls.get(i, 0) + 1}))
              for i, g in enumerate(layers)]
-    ids, imgs = model.encode_document([images(1, 1)[0], "a red", images(1, 2)[0], "then"], tok, eos=False)
+    ids, imgs = tokenize_document([images(1, 1)[0], "a red", images(1, 2)[0], "then"], tok, model.cfg.n_image_tokens,
+                                  eos=False)
     new = [ord(c) for c in "xyz"]                                # three decode steps
     sessions, logits = {}, {}
     for use_cache in (True, False):
@@ -265,10 +267,11 @@ def test_generation_projects_each_image_once_per_mmfs_layer():
 
 def test_overfit_one_batch_both_losses():
     """30 AdamW steps on one caption-then-image document (~20 s on a busy 2-core CPU)."""
-    import data
+    import world
     model = micro(seed=1)
-    tok = model.tokenizer()
-    ids, imgs = model.encode_document(data.synthetic_document(random.Random(0), "t2i", size=16), tok)
+    tok = model.tok
+    doc = world.synthetic_document(random.Random(0), "t2i", size=16)
+    ids, imgs = tokenize_document(doc, tok, model.cfg.n_image_tokens)
     batch = dict(tokens=torch.tensor([ids]), images=torch.stack(imgs))
 
     def evaluate():  # eval mode and fixed noise / timesteps: a deterministic image loss
@@ -292,7 +295,7 @@ def test_overfit_one_batch_both_losses():
 
 def test_save_load_round_trip(tmp_path):
     model = micro(live=True)
-    tok = model.tokenizer()
+    tok = model.tok
     batch = pack(model, tok, [["hello", images(1)[0], "world", images(1, 1)[0]]])
     model.save(tmp_path / "ckpt")
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
@@ -332,7 +335,7 @@ def test_grad_checkpointing_same_gradients():
     for on in (False, True):
         model = micro(seed=2, live=True)
         model.set_grad_checkpointing(on)
-        tok = model.tokenizer()
+        tok = model.tok
         batch = pack(model, tok, [["hi", images(1)[0], "there", images(1, 1)[0]]])
         torch.manual_seed(0)
         model(batch)["loss"].backward()
@@ -392,7 +395,7 @@ def test_from_components_freezing_and_partial_save(components, tmp_path):
     assert model.cfg.schedule["prediction_type"] == "epsilon" and model.vae is not None and model.latent == 2
     counts = model.param_counts()
     assert counts["vit"][1] == counts["llm"][1] == counts["vae"][1] == 0 and counts["unet"][1] == counts["unet"][0]
-    tok = model.tokenizer()
+    tok = model.tok
     assert (tok.pad_id, tok.token_id("<|beginofimage|>"), tok.token_id("<|image|>")) == (31999, 32000, 32001)
     batch = pack(model, tok, [["a cat", images(1)[0], "and a dog", images(1, 1)[0]]])
     model.save(tmp_path / "ckpt")
