@@ -37,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
+import world
 from mmi import MMI, MMIConfig, PRESETS
 
 # -----------------------------------------------------------------------------
@@ -45,12 +46,12 @@ preset = "tiny"
 out_dir = "out-tiny"
 seed = 0
 resume = False
-# data: "" = the synthetic world of data.py; else comma-separated .jsonl corpora (data.CorpusDataset)
+# data: "" = the synthetic world of world.py; else comma-separated .jsonl corpora (data.CorpusDataset)
 data_paths = ""
 kinds = "i2t:0.7,qa:0.1,t2i:0.1,story:0.1"  # synthetic document mixture (documents, not compute: see README)
 seq_len = 128              # tiny: short rows; MMFS samples every image of a row for every token of it
 batch_size = 4             # rows per micro-batch per process
-grad_accum = 1             # micro-batches per step per process; global batch = batch_size * grad_accum * world
+grad_accum = 1             # micro-batches per step per process; global batch = batch_size * grad_accum * world_size
 num_workers = 0
 # optimisation: AdamW on model.param_groups (per-group lr from the model config, scaled by the schedule)
 max_steps = 1550           # tiny: ~14.5 minutes on 2 CPU cores (2 processes x 1 thread)
@@ -132,13 +133,13 @@ if int(os.environ.get("RANK", 0)) == 0:
 # distributed set-up: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
 ddp = "RANK" in os.environ
 if ddp:
-    rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    rank, world_size, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
 else:
-    rank, world = 0, 1
+    rank, world_size = 0, 1
 master = rank == 0
 if threads:
     torch.set_num_threads(threads)
@@ -182,7 +183,7 @@ if ckpt is not None:
 model.to(device)
 if grad_checkpointing:
     model.set_grad_checkpointing(True)
-tok = model.tokenizer()
+tok = model.tok
 mcfg = model.cfg
 
 # lr=0 keeps the model's per-group learning rates; else lr sets the main one and the others keep their ratio
@@ -218,28 +219,28 @@ if compile:
 if ddp:
     # FSDP would plug in here instead (torch.distributed.fsdp.fully_shard on each LLM block and the U-Net) when
     # the trainable weights plus AdamW state do not fit one GPU; everything else in this file stays the same.
-    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, find_unused_parameters=True)
+    # MMI.forward makes every trainable parameter take part in every step, so no find_unused_parameters
+    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 if master:
     counts = raw_model.param_counts()
     n_all, n_train = sum(a for a, _ in counts.values()), sum(b for _, b in counts.values())
     print(f"model: {n_all / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trainable; "
-          f"global batch {batch_size * grad_accum * world} rows of {seq_len} tokens; world {world}")
+          f"global batch {batch_size * grad_accum * world_size} rows of {seq_len} tokens; world {world_size}")
 
 # -----------------------------------------------------------------------------
 # data: the synthetic world is a pure function of the micro-batch index; corpora are read in order (resume skips
 # the micro-batches already seen in the current epoch)
 stats = data.Stats()
 if data_paths:
-    corpus = data.CorpusDataset(data_paths.split(","), tok, mcfg.boi_id, mcfg.image_id, mcfg.n_image_tokens, seq_len,
-                                image_size=mcfg.image_size, seed=seed, rank=rank, world_size=world)
+    corpus = data.CorpusDataset(data_paths.split(","), tok, mcfg.n_image_tokens, seq_len, image_size=mcfg.image_size,
+                                seed=seed, rank=rank, world_size=world_size)
 else:
     try:
         mix = {k: float(w) for k, w in (kw.split(":") for kw in kinds.split(","))}
-        assert mix and set(mix) <= set(data.KINDS)
+        assert mix and set(mix) <= set(world.KINDS)
     except (ValueError, AssertionError):
         raise SystemExit(f"error: --kinds expects e.g. 't2i:0.3,i2t:0.3,qa:0.2,story:0.2', got {kinds!r}")
-    synth = data.SyntheticDataset(tok, mcfg.boi_id, mcfg.image_id, mcfg.n_image_tokens, seq_len, seed=seed,
-                                  image_size=mcfg.image_size, kinds=mix)
+    synth = data.SyntheticDataset(tok, mcfg.n_image_tokens, seq_len, seed=seed, image_size=mcfg.image_size, kinds=mix)
 data_pos = dict(ckpt["data_pos"]) if ckpt is not None else dict(epoch=0, micro=0)
 
 
@@ -255,6 +256,9 @@ def corpus_batches():
             next(it, None)
         while True:
             b = next(it, None)
+            while b is not None and "tokens" not in b:  # a shard with nothing usable sends only its skipped records
+                stats.add(b["skipped"])
+                b = next(it, None)
             more = torch.tensor(float(b is not None))
             if ddp:
                 dist.all_reduce(more, op=dist.ReduceOp.MIN)
@@ -271,7 +275,7 @@ def corpus_batches():
 if data_paths:
     batches = corpus_batches()
 else:
-    batches = iter(synth.loader(batch_size, start_step * grad_accum, rank, world, num_workers))
+    batches = iter(synth.loader(batch_size, start_step * grad_accum, rank, world_size, num_workers))
 
 
 def to_device(b):
@@ -279,7 +283,7 @@ def to_device(b):
 
 
 # -----------------------------------------------------------------------------
-# evaluation on the held-out synthetic split, scored by data.score
+# evaluation on the held-out synthetic split, scored by world.score
 
 @torch.no_grad()
 def evaluate(m, n=eval_n, kinds=eval_kinds):
@@ -290,7 +294,7 @@ def evaluate(m, n=eval_n, kinds=eval_kinds):
     metrics = {}
     for kind in [k for k in kinds.split(",") if k]:
         scores = []
-        for ex in data.eval_examples(kind, n, seed=seed, size=mcfg.image_size):
+        for ex in world.eval_examples(kind, n, seed=seed, size=mcfg.image_size):
             if kind in ("i2t", "qa"):  # text answer; greedy
                 items = m.generate(ex["prompt"], tok, max_new_tokens=160 if kind == "i2t" else 20, max_images=0,
                                    **opts)
@@ -298,7 +302,7 @@ def evaluate(m, n=eval_n, kinds=eval_kinds):
             else:  # the prompt ends where an image must come: start it at once
                 items = m.generate(ex["prompt"], tok, max_new_tokens=1, max_images=1, begin_image=True, **opts)
                 pred = next((x for x in items if torch.is_tensor(x)), torch.zeros(3, mcfg.image_size, mcfg.image_size))
-            scores.append(data.score(ex, pred))
+            scores.append(world.score(ex, pred))
         for key in scores[0]:
             metrics[f"{kind}_{key}"] = sum(s[key] for s in scores) / len(scores)
     m.train()
@@ -312,7 +316,7 @@ def save_checkpoint(step):
     _, key, *rest = np.random.get_state()  # stored as tensors and numbers so that weights_only loading works
     rng = dict(torch=torch.get_rng_state(), numpy_key=torch.from_numpy(key.astype(np.int64)), numpy_rest=list(rest),
                python=list(random.getstate()))
-    rngs = [None] * world
+    rngs = [None] * world_size
     if ddp:
         dist.all_gather_object(rngs, rng)
     else:
@@ -350,7 +354,7 @@ for step in pbar:
     for micro in range(grad_accum):
         batch = to_device(next(batches))
         stats.add(batch.pop("skipped"))
-        g = (step * grad_accum + micro) * world + rank
+        g = (step * grad_accum + micro) * world_size + rank
         torch.manual_seed(seed * 1_000_003 + g)  # the micro-batch's own randomness, whichever process runs it
         sync = micro == grad_accum - 1
         with (nullcontext() if sync or not ddp else model.no_sync()), autocast:
@@ -361,7 +365,7 @@ for step in pbar:
                               int((batch["tokens"] != tok.pad_id).sum()), out_["n_images"]], dtype=torch.float64)
     if ddp:
         dist.all_reduce(sums)
-    n_micro = grad_accum * world
+    n_micro = grad_accum * world_size
     loss_v, text_v, image_v = (sums[:3] / n_micro).tolist()
     if not math.isfinite(loss_v):
         msg = f"step {step}: loss is {loss_v}; stopping. " + (
@@ -374,11 +378,6 @@ for step in pbar:
         if ddp:
             dist.destroy_process_group()
         sys.exit(2)
-    # a parameter no micro-batch used has no gradient: make it zero so AdamW treats it the same everywhere
-    # (DDP with find_unused_parameters gives zeros on some ranks)
-    for p in raw_model.parameters():
-        if p.requires_grad and p.grad is None:
-            p.grad = torch.zeros_like(p)
     if grad_clip:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)

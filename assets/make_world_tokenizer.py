@@ -16,16 +16,16 @@ import sentencepiece as spm
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import data  # noqa: E402
+import world  # noqa: E402
 
 
 def world_texts(n, seed=0):
     rng = random.Random(seed)
     for _ in range(n):
-        scene = data.random_scene(rng)
-        q, a = data.qa_pair(rng, scene)
-        change = data.random_change(rng, scene)
-        yield from [data.caption(scene), f"question: {q} answer: {a}"] + ([change[0]] if change else [])
+        scene = world.random_scene(rng)
+        q, a = world.qa_pair(rng, scene)
+        change = world.random_change(rng, scene)
+        yield from [world.caption(scene), f"question: {q} answer: {a}"] + ([change[0]] if change else [])
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """
-Where a trained tiny model stands, beyond the end-to-end scores of train.py (held-out scenes of data.py):
+Where a trained tiny model stands, beyond the end-to-end scores of train.py (held-out scenes of world.py):
   reading   teacher-forced accuracy of the caption's colour, shape and cell words (is the image read?)
   binding   linear probes from the LLM state at each object's words to its cell, colour and shape, reading the
             caption alone as text-to-image does (does the LLM bind "a red circle in the top left" into one state?)
@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
+import world  # noqa: E402
 from data import tokenize_document  # noqa: E402
 from mmi import MMI, MMIConfig  # noqa: E402
 
-WORDS = {**{c: "colour" for c in data.COLOURS}, **{s: "shape" for s in data.SHAPES},
+WORDS = {**{c: "colour" for c in world.COLOURS}, **{s: "shape" for s in world.SHAPES},
          **{w: "cell" for w in ("top", "middle", "bottom", "centre", "left", "right")}}
 
 
@@ -39,7 +39,7 @@ def reading(m, tok, n):
     """Per word kind: how often the argmax next token is the caption's token, given the image and the caption so far.
     Words are the tokenizer's pieces (a byte tokenizer scores each word by its first byte)."""
     hits = {}
-    for ex in data.eval_examples("i2t", n, size=m.cfg.image_size):
+    for ex in world.eval_examples("i2t", n, size=m.cfg.image_size):
         ids, _, h, _ = encode(m, tok, ex["prompt"] + [ex["answer"]])
         pred = m.logits(h[0, :-1]).argmax(-1)
         cap = tok.encode(ex["answer"], bos=False)
@@ -53,17 +53,6 @@ def reading(m, tok, n):
     return {k: sum(v) / len(v) for k, v in hits.items()}
 
 
-def object_words(tok, ids):
-    """Positions in a caption's ids of each object phrase "a <colour> <shape> in the <cell>": (its "a", its last
-    word), in caption order. Needs a tokenizer with one piece per word (the world tokenizer)."""
-    words = [tok.id_to_piece(t).lstrip("\u2581") for t in ids]
-    starts = [j for j, w in enumerate(words) if w == "a"]
-    ends = [j for j in range(len(words) - 1) if words[j + 1] in (",", "and", ".")]
-    if not starts or len(starts) != len(ends):
-        raise ValueError(f"cannot find the object phrases in {words} (needs a tokenizer with a piece per word)")
-    return starts, ends
-
-
 def binding(m, tok, n_train=1200, n_test=300, steps=300):
     """Held-out accuracy of linear probes (softmax regression) from the LLM state at each object's colour word, shape
     word and last word ("left" of "in the top left") to that object's cell, colour and shape. Captions only, then
@@ -71,25 +60,25 @@ def binding(m, tok, n_train=1200, n_test=300, steps=300):
     def states(scenes):
         feats, labels = {"colour word": [], "shape word": [], "last word": []}, []
         for scene in scenes:
-            ids = tok.encode(data.caption(scene), bos=True) + [m.cfg.boi_id]
+            ids = tok.encode(world.caption(scene), bos=True) + [m.cfg.boi_id]
             with torch.no_grad():
                 h = m.llm.forward_hidden(embeds=m.embed(torch.tensor([ids])))[0]
             objects = [(i, o) for i, o in enumerate(scene) if o]
-            starts, ends = object_words(tok, ids[:-1])
+            starts, ends = world.object_words(tok, ids[:-1])
             if len(starts) != len(objects):
                 raise ValueError(f"{len(starts)} object phrases found in the caption of a {len(objects)}-object scene")
             for (cell, (colour, shape)), a, e in zip(objects, starts, ends):
                 for name, j in (("colour word", a + 1), ("shape word", a + 2), ("last word", e)):
                     feats[name].append(h[j])
-                labels.append((cell, list(data.COLOURS).index(colour), data.SHAPES.index(shape)))
+                labels.append((cell, list(world.COLOURS).index(colour), world.SHAPES.index(shape)))
         return {k: torch.stack(v).float() for k, v in feats.items()}, torch.tensor(labels)
 
     rng = random.Random(0)
-    train_x, train_y = states([data.random_scene(rng) for _ in range(n_train)])
-    test_x, test_y = states([ex["scene"] for ex in data.eval_examples("t2i", n_test)])
+    train_x, train_y = states([world.random_scene(rng) for _ in range(n_train)])
+    test_x, test_y = states([ex["scene"] for ex in world.eval_examples("t2i", n_test)])
     out = {}
     for where in train_x:
-        targets = (("cell", data.GRID * data.GRID), ("colour", len(data.COLOURS)), ("shape", len(data.SHAPES)))
+        targets = (("cell", world.GRID * world.GRID), ("colour", len(world.COLOURS)), ("shape", len(world.SHAPES)))
         for k, (what, n_classes) in enumerate(targets):
             probe = torch.nn.Linear(train_x[where].shape[1], n_classes)
             opt = torch.optim.Adam(probe.parameters(), lr=0.05)
@@ -106,8 +95,8 @@ def binding(m, tok, n_train=1200, n_test=300, steps=300):
 def drawing(m, tok, n, timesteps=(200, 500, 800)):
     """Image loss (the training objective) of held-out text-to-image examples by condition."""
     cond, x0 = [], []
-    for ex in data.eval_examples("t2i", n, size=m.cfg.image_size):
-        ids, lay, h, imgs = encode(m, tok, ex["prompt"] + [data.render(ex["scene"], m.cfg.image_size)])
+    for ex in world.eval_examples("t2i", n, size=m.cfg.image_size):
+        ids, lay, h, imgs = encode(m, tok, ex["prompt"] + [world.render(ex["scene"], m.cfg.image_size)])
         cond.append(m.condition(h, lay.rows, lay.start, lay.pos))
         x0.append(m.to_latent(torch.stack(imgs)))
     cond, x0 = torch.cat(cond), torch.cat(x0)

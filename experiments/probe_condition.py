@@ -33,18 +33,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
+import world  # noqa: E402
 from llm import LLaMA, LLaMAConfig  # noqa: E402
 from mmi import MMI, MMIConfig, Resampler  # noqa: E402
 import unet as unet_module  # noqa: E402
 from diffusion import NoiseSchedule  # noqa: E402
 from unet import UNet, UNetConfig  # noqa: E402
-from vit import sincos_1d, sincos_2d  # noqa: E402
-from diagnose_tiny import object_words  # noqa: E402  (experiments/, the script's folder, is on sys.path)
+from vit import sincos_1d, sincos_2d, to_tensor01  # noqa: E402
 
 MODES = ("cells", "objects", "objects_mlp", "objects_resampler", "words", "resampler", "llm", "llm_qa", "llm_conv",
          "shipped", "shipped_last", "llm_last")
-COLOURS, SHAPES = list(data.COLOURS), list(data.SHAPES)
+COLOURS, SHAPES = list(world.COLOURS), list(world.SHAPES)
 
 
 class Condition(nn.Module):
@@ -98,9 +97,9 @@ class Condition(nn.Module):
     def qa_loss(self, scenes):
         """LM loss on text-only documents: caption, then 1-3 questions about it and their answers."""
         rng = self.qa_rng
-        docs = [self.tok.encode(" ".join([data.caption(s)] + [f"question: {q} answer: {a}" for q, a in
-                                         (data.qa_pair(rng, s) for _ in range(rng.randint(1, 3)))]), bos=True, eos=True)
-                for s in scenes]
+        docs = [self.tok.encode(" ".join([world.caption(s)] + [f"question: {q} answer: {a}" for q, a in
+                                         (world.qa_pair(rng, s) for _ in range(rng.randint(1, 3)))]),
+                                bos=True, eos=True) for s in scenes]
         T = max(map(len, docs))
         x = torch.tensor([d + [-100] * (T - len(d)) for d in docs])
         h = self.llm.forward_hidden(x.clamp(min=0))
@@ -111,7 +110,7 @@ class Condition(nn.Module):
             c, s = map(torch.stack, zip(*map(self._ids, scenes)))                 # (B, 9) each
             return self.cell.weight + self.colour(c) + self.shape(s), 0.0
         if self.mode.startswith("objects"):
-            out = torch.zeros(len(scenes), data.MAX_SHAPES, self.cell.embedding_dim)
+            out = torch.zeros(len(scenes), world.MAX_SHAPES, self.cell.embedding_dim)
             for b, scene in enumerate(scenes):
                 c, s = self._ids(scene)
                 cells = [i for i, o in enumerate(scene) if o]
@@ -124,7 +123,7 @@ class Condition(nn.Module):
             if self.mode == "objects_mlp":  # zero tokens stay zero
                 return self.mlp(out) * (out.abs().sum(-1, keepdim=True) > 0), 0.0
             return out, 0.0
-        ids = [self.tok.encode(data.caption(s), bos=True) + [self.cfg.boi_id] for s in scenes]
+        ids = [self.tok.encode(world.caption(s), bos=True) + [self.cfg.boi_id] for s in scenes]
         T, lens = max(map(len, ids)), torch.tensor([len(i) for i in ids])
         x = torch.tensor([i + [0] * (T - len(i)) for i in ids])                    # (B, T), 0-padded
         lm = torch.zeros(())
@@ -143,9 +142,9 @@ class Condition(nn.Module):
         else:
             h = self.emb(x)
         if self.mode.endswith("_last"):  # only the state at each object's last word ("left" of "in the top left")
-            out = h.new_zeros(len(ids), data.MAX_SHAPES, h.shape[-1])
+            out = h.new_zeros(len(ids), world.MAX_SHAPES, h.shape[-1])
             for b, i in enumerate(ids):
-                ends = object_words(self.tok, i[:-1])[1]  # i ends with BoI
+                ends = world.object_words(self.tok, i[:-1])[1]  # i ends with BoI
                 out[b, :len(ends)] = h[b, ends]
             return self.proj(out) * (out.abs().sum(-1, keepdim=True) > 0), lm
         if self.mode == "llm_conv":  # causal: each state also sees the 7 before it
@@ -182,7 +181,7 @@ def main():
     p.add_argument("--init_std", type=float, default=0.02, help="init std of the decoder resampler's other Linears")
     p.add_argument("--image_loss_weight", type=float, default=10.0)
     p.add_argument("--n_eval", type=int, default=60)
-    p.add_argument("--max_objects", type=int, default=data.MAX_SHAPES, help="train on scenes of at most this many")
+    p.add_argument("--max_objects", type=int, default=world.MAX_SHAPES, help="train on scenes of at most this many")
     p.add_argument("--eval_every", type=int, default=0, help="also score every N steps (the learning curve)")
     p.add_argument("--save", default="", help="write a PNG grid: target row over generated row per example")
     p.add_argument("--sink", type=int, default=0, help="N learned condition-independent tokens after the context")
@@ -214,7 +213,7 @@ def main():
     if a.whiten:
         with torch.no_grad():
             rng = random.Random(123)
-            ids = [cond.tok.encode(data.caption(data.random_scene(rng)), bos=True) for _ in range(200)]
+            ids = [cond.tok.encode(world.caption(world.random_scene(rng)), bos=True) for _ in range(200)]
             m = cond.shipped[0]
             h = torch.cat([m.llm.forward_hidden(embeds=m.embed(torch.tensor([i])))[0] for i in ids])
             cond.stats = (h.mean(0), h.std(0) + 1e-5)
@@ -227,10 +226,10 @@ def main():
     for step in range(a.steps):
         scenes = []
         while len(scenes) < a.batch:
-            s = data.random_scene(rng)
+            s = world.random_scene(rng)
             if sum(o is not None for o in s) <= a.max_objects:
                 scenes.append(s)
-        x0 = torch.stack([data.to_tensor(data.render(s)) for s in scenes]) * 2 - 1
+        x0 = torch.stack([to_tensor01(world.render(s)) for s in scenes]) * 2 - 1
         noise, t = torch.randn_like(x0), torch.randint(0, sched.N, (a.batch,))
         ctx, lm = cond(scenes)
         image_loss = F.mse_loss(unet(sched.add_noise(x0, noise, t), t, ctx), sched.target(x0, noise, t))
@@ -251,15 +250,15 @@ def main():
 def evaluate(a, unet, cond, sched, step, t0, save=""):
     """Per-cell and occupied-cell accuracy on a.n_eval held-out scenes, overall and by number of objects."""
     unet.eval(), cond.eval()
-    exs = data.eval_examples("t2i", a.n_eval)
+    exs = world.eval_examples("t2i", a.n_eval)
     ctx, _ = cond([e["scene"] for e in exs])
     noise = torch.randn(len(exs), 3, 32, 32, generator=torch.Generator().manual_seed(0))
     imgs = ((sched.sample(lambda x, t: unet(x, t, ctx), noise, steps=25, sampler="ddim") + 1) / 2).clamp(0, 1)
     by_k = {}
     for e, im in zip(exs, imgs):
-        pred = data.parse_image(im)
+        pred = world.parse_image(im)
         by_k.setdefault(sum(o is not None for o in e["scene"]), []).append(
-            (data.cell_accuracy(pred, e["scene"]), data.cell_accuracy(pred, e["scene"], occupied_only=True)))
+            (world.cell_accuracy(pred, e["scene"]), world.cell_accuracy(pred, e["scene"], occupied_only=True)))
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     per_k = ", ".join(f"{k}: {mean([c for c, _ in v]):.2f}/{mean([o for _, o in v]):.2f}"
                       for k, v in sorted(by_k.items()))
@@ -269,7 +268,7 @@ def evaluate(a, unet, cond, sched, step, t0, save=""):
           f"{time.time() - t0:.0f} s", flush=True)
     if save:  # top row: the target scenes, bottom row: what was drawn
         from PIL import Image
-        tgt = torch.cat([data.to_tensor(data.render(e["scene"])) for e in exs[:16]], 2)
+        tgt = torch.cat([to_tensor01(world.render(e["scene"])) for e in exs[:16]], 2)
         grid = torch.cat([tgt, torch.cat(list(imgs[:16]), 2)], 1).permute(1, 2, 0)
         Image.fromarray((grid * 255).round().byte().numpy()).resize((grid.shape[1] * 4, grid.shape[0] * 4)).save(save)
     unet.train(), cond.train()

@@ -1,121 +1,22 @@
-"""data.py: synthetic world, scorers, corpora reading with bad data, tokenising, packing, batches."""
+"""data.py: corpora reading with bad data, tokenising, packing, batches (the synthetic world: test_world.py)."""
 import json
 import random
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image
 
 import data
-
-try:
-    from tokenizer import ByteTokenizer
-except ImportError:  # stand-in with the same interface, until tokenizer.py lands
-    class ByteTokenizer:
-        bos_id, eos_id, pad_id = 256, 257, 258
-
-        def __init__(self):
-            self.n = 259
-
-        def encode(self, text, bos=True, eos=False):
-            return [256] * bos + list(text.encode()) + [257] * eos
-
-        def add_special_tokens(self, names):
-            self.n += len(names)
-            return list(range(self.n - len(names), self.n))
-
+import world
+from tokenizer import mmi_tokenizer
+from vit import to_tensor01
 
 N_IMG = 4  # placeholder tokens per image in these tests
 
 
 @pytest.fixture(scope="module")
 def tok():
-    t = ByteTokenizer()
-    t.boi_id, t.image_id = t.add_special_tokens(["<|beginofimage|>", "<|image|>"])
-    return t
-
-
-def scenes(n, seed=0, split="train"):
-    rng = random.Random(seed)
-    return [data.random_scene(rng, split) for _ in range(n)]
-
-
-# ---------------------------------------------------------------------------------------------- the synthetic world
-
-def test_caption_round_trip_and_rejects():
-    for s in scenes(300) + scenes(100, split="eval"):
-        assert data.parse_caption(data.caption(s)) == s
-    s = data.make_scene({"top left": ("red", "circle"), "centre": ("blue", "square")})
-    assert data.caption(s) == "a red circle in the top left and a blue square in the centre."
-    for bad in ["a blue square in the centre and a red circle in the top left.",  # not canonical order
-                "a red circle in the top left and a blue square in the centre",  # no full stop
-                "a pink circle in the top left.", "a red circle in the top left, a red circle in the top left.", ""]:
-        assert data.parse_caption(bad) is None
-
-
-def test_render_parse_round_trip():
-    for s in scenes(200, seed=1):
-        assert data.parse_image(data.render(s)) == s
-        assert data.parse_image(data.to_tensor(data.render(s))) == s  # a [3,H,W] tensor too
-
-
-def test_parse_image_tolerates_generation_noise():
-    nrng = np.random.default_rng(0)
-    for i, s in enumerate(scenes(150, seed=2)):
-        img = data.render(s).filter(ImageFilter.GaussianBlur(0.8)) if i % 2 else data.render(s)
-        x = np.asarray(img, np.float32) / 255
-        x = np.roll(x, (i % 3 - 1, (i // 3) % 3 - 1), (0, 1))  # off by a pixel
-        x = np.clip(x * nrng.uniform(0.8, 1.1) + nrng.normal(0, 0.12, x.shape), 0, 1)
-        assert data.parse_image(x) == s
-
-
-def test_determinism_and_held_out_split():
-    a = [data.synthetic_document(random.Random(5), k) for k in data.KINDS]
-    b = [data.synthetic_document(random.Random(5), k) for k in data.KINDS]
-    assert [[x if isinstance(x, str) else x.tobytes() for x in d] for d in a] == \
-           [[x if isinstance(x, str) else x.tobytes() for x in d] for d in b]
-    train, held = set(scenes(2000, seed=3)), set(scenes(300, seed=3, split="eval"))
-    assert not train & held and all(data.split_of(s) == "eval" for s in held)
-    frac = sum(data.split_of(s) == "eval" for s in scenes(2000, seed=4, split="train")) / 2000
-    assert frac == 0
-    # every image of every training document is a training scene; eval examples only show held-out scenes
-    rng = random.Random(6)
-    for _ in range(40):
-        for x in data.synthetic_document(rng, "story"):
-            if not isinstance(x, str):
-                assert data.split_of(data.parse_image(x)) == "train"
-    for kind in ("i2t", "t2i", "qa", "story"):
-        for ex in data.eval_examples(kind, 10):
-            assert data.split_of(ex["scene"]) == "eval"
-            for x in ex["prompt"]:
-                if not isinstance(x, str):
-                    assert data.split_of(data.parse_image(x)) == "eval"
-
-
-def test_story_sentences_parse_to_the_next_image():
-    rng = random.Random(7)
-    for _ in range(30):
-        doc = data.synthetic_document(rng, "story")
-        assert len(doc) in (3, 5)
-        for i in range(1, len(doc), 2):
-            before, after = data.parse_image(doc[i - 1]), data.parse_image(doc[i + 1])
-            assert data.parse_change(doc[i], before) == after
-
-
-def test_scoring():
-    ex = data.eval_examples("i2t", 1)[0]
-    assert data.score(ex, ex["answer"])["exact"] == 1 and data.score(ex, "a red circle.")["exact"] == 0
-    ex = data.eval_examples("qa", 1)[0]
-    assert data.score(ex, " " + ex["answer"] + " question: ...")["exact"] == 1
-    assert data.score(ex, " purple.")["exact"] == 0
-    ex = data.eval_examples("t2i", 1)[0]
-    assert data.score(ex, data.render(ex["scene"])) == {"exact": 1.0, "cell_acc": 1.0, "object_acc": 1.0}
-    k = sum(c is not None for c in ex["scene"])
-    blank = data.score(ex, Image.new("RGB", (32, 32)))
-    assert blank["cell_acc"] == pytest.approx((9 - k) / 9) and blank["object_acc"] == 0
-    ex = data.eval_examples("story", 1)[0]
-    assert isinstance(ex["prompt"][-1], str) and data.score(ex, data.render(ex["scene"]))["exact"] == 1
+    return mmi_tokenizer("byte", 259)  # bytes, <s>, </s>, <pad>, then BoI and <|image|>
 
 
 # ---------------------------------------------------------------------------------------------- tokenising + packing
@@ -123,18 +24,21 @@ def test_scoring():
 def doc_of(n_text, n_images, tok, where="d"):
     """A tokenised document: n_images images, then n_text bytes of text."""
     items = [Image.new("RGB", (8, 8))] * n_images + ["x" * n_text]
-    return (*data.tokenize_document(items, tok, tok.boi_id, tok.image_id, N_IMG), where)
+    return (*data.tokenize_document(items, tok, N_IMG), where)
 
 
 def packed(docs, seq_len, tok, stats=None):
-    return list(data.pack(docs, seq_len, tok.pad_id, tok.boi_id, N_IMG, stats))
+    return list(data.pack(docs, seq_len, tok, N_IMG, stats))
 
 
 def test_tokenize_document(tok):
     img = Image.new("RGB", (8, 8))
-    ids, images = data.tokenize_document(["ab", img, "c"], tok, tok.boi_id, tok.image_id, N_IMG)
+    ids, images = data.tokenize_document(["ab", img, "c"], tok, N_IMG)
     assert ids == [tok.bos_id, 97, 98, tok.boi_id] + [tok.image_id] * N_IMG + [99, tok.eos_id]
-    assert images == [img]
+    assert len(images) == 1 and torch.equal(images[0], to_tensor01(img))  # PIL images become [3,H,W] in [0,1]
+    x = torch.rand(3, 8, 8)
+    ids, images = data.tokenize_document([x, "c"], tok, N_IMG, bos=False, eos=False)  # as generation's prompt
+    assert ids == [tok.boi_id] + [tok.image_id] * N_IMG + [99] and images[0] is x
 
 
 def test_pack_exact_fit_and_padding(tok):
@@ -151,7 +55,7 @@ def test_pack_never_splits_an_image(tok):
     rows = packed([a, b], 10, tok)
     assert rows[0]["tokens"] == a[0] + [tok.bos_id] + [tok.pad_id] * 2  # cut moved back to b's BoI
     assert rows[0]["images"] == [] and rows[0]["doc_ids"] == [0] * 7 + [1, -1, -1]
-    assert rows[1]["tokens"][:7] == b[0][1:] and rows[1]["image_pos"] == [0] and len(rows[1]["images"]) == 1
+    assert rows[1]["tokens"][:7] == b[0][1:] and rows[1]["tokens"][0] == tok.boi_id and len(rows[1]["images"]) == 1
     assert rows[1]["doc_ids"][:7] == [0] * 7  # the tail of b is document 0 of the next row
     for seq_len in range(9, 20):  # every cut position: images whole, nothing lost, nothing duplicated
         docs = [doc_of(i % 4, i % 3, tok, f"d{i}") for i in range(12)]
@@ -159,9 +63,9 @@ def test_pack_never_splits_an_image(tok):
         stream = [t for r in rows for t in r["tokens"] if t != tok.pad_id]
         assert stream == [t for d in docs if len(d[0]) <= seq_len for t in d[0]]
         for r in rows:
-            assert len(r["tokens"]) == seq_len and len(r["images"]) == len(r["image_pos"])
-            assert [p for p, t in enumerate(r["tokens"]) if t == tok.boi_id] == r["image_pos"]
-            for p in r["image_pos"]:
+            boi = [p for p, t in enumerate(r["tokens"]) if t == tok.boi_id]
+            assert len(r["tokens"]) == seq_len and len(r["images"]) == len(boi)
+            for p in boi:
                 assert r["tokens"][p + 1:p + 1 + N_IMG] == [tok.image_id] * N_IMG
 
 
@@ -176,29 +80,30 @@ def test_pack_skips_overlong_document(tok):
 # ---------------------------------------------------------------------------------------------- batches
 
 def test_synthetic_batches_deterministic_resumable(tok):
-    ds = data.SyntheticDataset(tok, tok.boi_id, tok.image_id, 16, 192, seed=1)
+    ds = data.SyntheticDataset(tok, 16, 192, seed=1)
     b = ds.batch(3, 4)
     assert b["tokens"].shape == b["doc_ids"].shape == (4, 192) and b["tokens"].dtype == torch.long
-    n = len(b["image_rows"])
+    rows, pos = (b["tokens"] == tok.boi_id).nonzero(as_tuple=True)  # one image per BoI, in row-major order
+    n = len(rows)
     assert n > 0 and b["images"].shape == (n, 3, 32, 32) and b["images"].dtype == torch.float32
     assert 0 <= b["images"].min() and b["images"].max() <= 1
-    for row, pos in zip(b["image_rows"].tolist(), b["image_pos"].tolist()):
-        assert b["tokens"][row, pos] == tok.boi_id and (b["tokens"][row, pos + 1:pos + 17] == tok.image_id).all()
-    assert (b["image_rows"].diff() >= 0).all()
+    for row, p in zip(rows.tolist(), pos.tolist()):
+        assert (b["tokens"][row, p + 1:p + 17] == tok.image_id).all()
+    assert set(b) == {"tokens", "doc_ids", "images", "skipped"}  # what the model and train.py read
     loader = iter(ds.loader(4, start_step=3))  # resume at step 3 == batch(3)
     for step in (3, 4):
         c = next(loader)
         ref = ds.batch(step, 4)
-        assert all(torch.equal(c[k], ref[k]) for k in ("tokens", "doc_ids", "images", "image_rows", "image_pos"))
+        assert all(torch.equal(c[k], ref[k]) for k in ("tokens", "doc_ids", "images"))
     halves = [ds.batch(3, 2, rank=r, world_size=2) for r in (0, 1)]  # DDP ranks split the same global batch
     assert torch.equal(torch.cat([h["tokens"] for h in halves]), b["tokens"])
-    other = data.SyntheticDataset(tok, tok.boi_id, tok.image_id, 16, 192, seed=2).batch(3, 4)
+    other = data.SyntheticDataset(tok, 16, 192, seed=2).batch(3, 4)
     assert not torch.equal(other["tokens"], b["tokens"])
 
 
 @pytest.fixture()
 def corpus(tmp_path):
-    data.render(data.make_scene({"centre": ("red", "circle")})).save(tmp_path / "ok.png")
+    world.render(world.make_scene({"centre": ("red", "circle")})).save(tmp_path / "ok.png")
     (tmp_path / "bad.png").write_bytes(b"\x89PNG not really")
     lines = [
         json.dumps({"items": [{"text": "hello"}, {"image": "ok.png"}, {"text": "world"}]}),  # 1 ok
@@ -220,7 +125,7 @@ def corpus(tmp_path):
 
 
 def test_corpus_bad_data_is_skipped_counted_reported(corpus, tok):
-    ds = data.CorpusDataset(corpus, tok, tok.boi_id, tok.image_id, N_IMG, seq_len=64, image_size=16)
+    ds = data.CorpusDataset(corpus, tok, N_IMG, seq_len=64, image_size=16)
     rows = list(ds)
     stats = data.Stats()
     for r in rows:
@@ -251,10 +156,33 @@ def test_corpus_placement_rules(corpus, tok):
 
 
 def test_corpus_with_workers_reports_everything(corpus, tok):
-    ds = data.CorpusDataset(corpus, tok, tok.boi_id, tok.image_id, N_IMG, seq_len=64, image_size=16)
+    ds = data.CorpusDataset(corpus, tok, N_IMG, seq_len=64, image_size=16)
     loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=data.collate, num_workers=2)
     stats = data.Stats()
     batches = list(loader)
     for b in batches:
         stats.add(b["skipped"])
-    assert len(stats.skipped) == 7 and sum(len(b["image_rows"]) for b in batches) == 3
+    assert len(stats.skipped) == 7 and sum(len(b["images"]) for b in batches) == 3
+
+
+def test_corpus_shard_with_nothing_usable_sends_its_records(tmp_path, tok):
+    (tmp_path / "bad.jsonl").write_text('{"items": [ broken\n{"foo": 1}\n')
+    ds = data.CorpusDataset(tmp_path / "bad.jsonl", tok, N_IMG, seq_len=64, image_size=16)
+    rows = list(ds)
+    assert len(rows) == 1 and "tokens" not in rows[0] and len(rows[0]["skipped"]) == 2
+    assert data.collate(rows) == {"skipped": rows[0]["skipped"]}
+    (tmp_path / "empty.jsonl").write_text("")
+    assert list(data.CorpusDataset(tmp_path / "empty.jsonl", tok, N_IMG, seq_len=64)) == [{"skipped": []}]
+
+
+def test_stats_counts_per_epoch_and_in_all():
+    stats = data.Stats()
+    stats.add([("a.jsonl:1", "invalid json: x"), ("a.jsonl:2", "missing image: b.png")])
+    assert stats.report().startswith("skipped 2 documents (invalid json: 1, missing image: 1)\n  a.jsonl:1")
+    stats.end_epoch()
+    assert stats.report() == "skipped 0 documents" and sum(stats.total.values()) == 2
+    stats.skip("a.jsonl:1", "invalid json: x")
+    restored = data.Stats()
+    restored.load_state(stats.state())  # what a checkpoint keeps
+    assert restored.epoch == {"invalid json": 1} and restored.total == {"invalid json": 2, "missing image": 1}
+    assert data.Stats.summary(restored.total) == "3 documents (invalid json: 2, missing image: 1)"

@@ -34,10 +34,10 @@ def test_random_model_end_to_end(tmp_path):
 
 def test_inline_prompt_and_trained_checkpoint_folder(tmp_path):
     # a model folder as train.py writes it (MMI.save), and a --prompt with an image path and a final <img>
-    import data
+    import world
     from mmi import MMI, MMIConfig
     MMI(MMIConfig.from_name("tiny")).save(tmp_path / "ck")
-    data.render(data.make_scene({"centre": ("red", "circle")})).save(tmp_path / "x.png")
+    world.render(world.make_scene({"centre": ("red", "circle")})).save(tmp_path / "x.png")
     out = tmp_path / "s"
     p = run([f"--ckpt={tmp_path / 'ck'}", "--prompt=<img:x.png> the red circle turns blue. <img>", "--steps=1",
              "--max_new_tokens=2", f"--out_dir={out}", "--guidance=1"], cwd=tmp_path)

@@ -252,7 +252,7 @@ def test_world_tokenizer_of_the_tiny_model():
     assets = Path(__file__).parent.parent / "assets"
     sys.path.insert(0, str(assets))
     from make_world_tokenizer import world_texts
-    import data
+    import world
     ours, spm = T.Tokenizer(assets / "world.model"), spm.SentencePieceProcessor(model_file=str(assets / "world.model"))
     texts = list(world_texts(300, seed=1)) + random_texts(200)
     for text in texts:
@@ -262,4 +262,4 @@ def test_world_tokenizer_of_the_tiny_model():
     assert {"red", "circle", "centre", "triangle", "disappears"} <= words
     for w in words - {"question:", "answer:"}:
         assert len(ours.encode(w, bos=False)) == 1, w
-    assert len(ours.encode(data.caption(data.make_scene({"top left": ("red", "circle")})), bos=False)) == 8
+    assert len(ours.encode(world.caption(world.make_scene({"top left": ("red", "circle")})), bos=False)) == 8

@@ -93,8 +93,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 def test_corpus_bad_data_is_counted(tmp_path):
     from PIL import Image
-    import data
-    img = data.render(data.make_scene({"centre": ("red", "circle")}))
+    import world
+    img = world.render(world.make_scene({"centre": ("red", "circle")}))
     img.save(tmp_path / "a.png")
     Image.new("RGB", (8, 8)).save(tmp_path / "b.png")
     (tmp_path / "broken.png").write_bytes(b"not a png")
