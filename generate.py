@@ -22,11 +22,12 @@ SAMPLING = dict(temperature=0.0, top_k=None, top_p=0.9, repetition_penalty=1.0, 
 
 @torch.no_grad()
 def generate(model: MMI, prompt, max_new_tokens=90, max_images=4, begin_image=False, generator=None, use_cache=True,
-             max_len=None, timings=None, **sampling):
+             max_len=None, timings=None, stop_at=None, **sampling):
     """One interleaved loop continuing `prompt` (a list of str / PIL / [3,H,W] tensors): sample text with the KV
     cache; when BoI comes (or at once with begin_image=True), draw an image with the decoder, re-encode it with the
     vision tower, put it in context and go on; stop at </s>, max_new_tokens text tokens or max_images images
-    (max_images=0: text only, BoI stops). sampling: SAMPLING's keys (temperature 0 = greedy).
+    (max_images=0: text only, BoI stops), or once the text since the last image contains `stop_at` (e.g. "." ends an
+    answer with its sentence). sampling: SAMPLING's keys (temperature 0 = greedy).
     timings: a dict that receives "image_s", the seconds spent drawing images.
     Returns the generated items: str and image tensors [3, H, W] in [0, 1]."""
     unknown = sampling.keys() - SAMPLING.keys()
@@ -68,7 +69,7 @@ def generate(model: MMI, prompt, max_new_tokens=90, max_images=4, begin_image=Fa
             continue
         text.append(nxt)
         n_text += 1
-        if n_text >= max_new_tokens or len(s.tokens) + 1 > s.max_len:
+        if n_text >= max_new_tokens or len(s.tokens) + 1 > s.max_len or (stop_at and stop_at in tok.decode(text)):
             break
         logits = s.feed([nxt])
     if text:

@@ -1,9 +1,10 @@
 """
 Generate interleaved text and images with MM-Interleaved; writes the images (PNG) and one HTML page.
 
-    python sample.py                                   # the shipped tiny model on assets/demo.txt (CPU, ~1 minute)
-    python sample.py --ckpt=out-tiny --prompt="<img:assets/scene.png> question: what colour is in the centre? answer:"
+    python sample.py                                   # the shipped tiny model on assets/demo.txt (CPU, ~5 s)
+    python sample.py --prompt="<img:assets/scene_question.png> question: what colour is in the centre? answer:"
     python sample.py --prompt="a red circle in the top left and a blue square in the centre. <img>"
+    python sample.py --ckpt=out --prompt_file=my_prompts.txt   # a model folder written by train.py
     python sample.py --ckpt=random --steps=2           # a random tiny model (smoke test)
     python sample.py --clip_path=CLIP --llm_path=VICUNA --sd_path=SD21 [--ckpt=DIR_FROM_TRAIN] --device=cuda \\
         --dtype=float16 --prompt_file=my_prompt.txt    # official components (paper configuration)
@@ -11,6 +12,9 @@ Generate interleaved text and images with MM-Interleaved; writes the images (PNG
 Prompt syntax: text with images as <img:path> (paths relative to the prompt file, or to the current folder for
 --prompt). The model continues after the end of the prompt; a final bare <img> makes it start with an image.
 A prompt file may hold several prompts separated by lines "---"; a first line "# title" names a prompt.
+Text is greedy by default (temperature 0) and stops at the end of its first sentence (--stop_at): the world's
+captions and answers are one sentence, and its question documents hold 1-3 question / answer pairs, so without a
+stop the model rightly goes on to ask itself the next question.
 """
 import argparse
 import html
@@ -35,14 +39,15 @@ p.add_argument("--preset", default="tiny", help="model preset for --ckpt=random 
 p.add_argument("--clip_path", default="", help="official CLIP folder (with --llm_path and --sd_path)")
 p.add_argument("--llm_path", default="")
 p.add_argument("--sd_path", default="")
-p.add_argument("--prompt", default="", help='e.g. "<img:cat.png> a story: once"; default: --prompt_file')
+p.add_argument("--prompt", default=None, help='e.g. "<img:cat.png> a story: once"; default: --prompt_file')
 p.add_argument("--prompt_file", default=str(ROOT / "assets" / "demo.txt"))
 p.add_argument("--out_dir", default="samples")
 p.add_argument("--seed", type=int, default=0)
-p.add_argument("--max_new_tokens", type=int, default=160)
+p.add_argument("--max_new_tokens", type=int, default=160, help="text tokens per prompt (>= 1)")
 p.add_argument("--max_images", type=int, default=1, help="images the model may draw per prompt")
 p.add_argument("--temperature", type=float, default=SAMPLING["temperature"], help="0 = greedy")
-p.add_argument("--top_p", type=float, default=SAMPLING["top_p"])
+p.add_argument("--top_p", type=float, default=SAMPLING["top_p"], help="nucleus sampling mass, in (0, 1]")
+p.add_argument("--stop_at", default=".", help="text stops once it contains this string ('' = only at </s>)")
 p.add_argument("--repetition_penalty", type=float, default=SAMPLING["repetition_penalty"], help="official demo: 1.3")
 p.add_argument("--sampler", choices=["ddim", "ddpm"], default=SAMPLING["sampler"])
 p.add_argument("--steps", type=int, default=SAMPLING["steps"], help="diffusion steps per image")
@@ -59,6 +64,24 @@ if args.threads:
 def fail(msg):
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(1)
+
+
+for flag, ok, valid in [("steps", args.steps >= 1, "an integer >= 1"),
+                        ("max_new_tokens", args.max_new_tokens >= 1, "an integer >= 1"),
+                        ("max_images", args.max_images >= 0, "an integer >= 0"),
+                        ("temperature", args.temperature >= 0, ">= 0 (0 = greedy)"),
+                        ("top_p", 0 < args.top_p <= 1, "in (0, 1]"),
+                        ("repetition_penalty", args.repetition_penalty > 0, "> 0 (1 = none)"),
+                        ("guidance", args.guidance >= 0, ">= 0 (1 = no guidance)"),
+                        ("threads", args.threads >= 0, "an integer >= 0")]:
+    if not ok:
+        fail(f"--{flag}={getattr(args, flag)}: must be {valid}")
+try:
+    device = torch.device(args.device)
+except RuntimeError:
+    fail(f"--device={args.device}: not a torch device (e.g. cpu, cuda, cuda:1, mps)")
+if device.type == "cuda" and not torch.cuda.is_available():
+    fail(f"--device={args.device} but CUDA is not available")
 
 
 # -----------------------------------------------------------------------------
@@ -93,6 +116,8 @@ def parse_prompt(text, root, title):
     return title, items, draw_first
 
 
+if args.prompt is not None and not args.prompt.strip():
+    fail("--prompt is empty (leave it out to run the demo prompts of --prompt_file)")
 if args.prompt:
     prompts = [parse_prompt(args.prompt, Path.cwd(), "prompt")]
 else:
@@ -110,8 +135,6 @@ else:
 # the model
 if args.preset not in PRESETS:
     fail(f"unknown preset {args.preset!r}; choose from {sorted(PRESETS)}")
-if args.device.startswith("cuda") and not torch.cuda.is_available():
-    fail(f"--device={args.device} but CUDA is not available")
 dtype = getattr(torch, args.dtype)
 components = (args.clip_path, args.llm_path, args.sd_path)
 if any(components) and not all(components):
@@ -143,6 +166,9 @@ print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameter
 # generate, save, write the page
 out = Path(args.out_dir)
 out.mkdir(parents=True, exist_ok=True)
+for old in out.glob("p*_*.png"):  # a previous run's pictures: the new page would not show them
+    if re.fullmatch(r"p\d+_\d+(_gen)?\.png", old.name):
+        old.unlink()
 gen = torch.Generator(args.device).manual_seed(args.seed)
 
 
@@ -159,7 +185,7 @@ for i, (title, items, draw_first) in enumerate(prompts):
     result = generate(model, items, max_new_tokens=args.max_new_tokens, max_images=args.max_images,
                       begin_image=draw_first, generator=gen, timings=timings, temperature=args.temperature,
                       top_p=args.top_p, repetition_penalty=args.repetition_penalty, steps=args.steps,
-                      sampler=args.sampler, guidance=args.guidance)
+                      sampler=args.sampler, guidance=args.guidance, stop_at=args.stop_at)
     dt, image_s = time.time() - t, timings.get("image_s", 0.0)
     text_time, img_time = text_time + dt - image_s, img_time + image_s
     n_tokens += sum(len(tok.encode(x, bos=False)) for x in result if isinstance(x, str))
@@ -184,7 +210,7 @@ img {{ width: 128px; image-rendering: pixelated; vertical-align: middle; margin:
 img.gen {{ border-color: #2a7; }}  span.gen {{ background: #dfd; }}
 </style></head><body>
 <h1>MM-Interleaved samples</h1>
-<p>Prompt in grey / plain text; <span class="gen">generated in green</span>. Checkpoint: {html.escape(str(args.ckpt))},
+<p>Prompt in plain text and grey frames; <span class="gen">generated in green</span>. Checkpoint: {html.escape(str(args.ckpt))},
 seed {args.seed}, {args.sampler} {args.steps} steps, guidance {args.guidance}, temperature {args.temperature}.</p>
 {chr(10).join(sections)}
 </body></html>

@@ -411,3 +411,11 @@ def test_from_components_freezing_and_partial_save(components, tmp_path):
         with torch.no_grad():
             outs.append(m(batch)["loss"])
     assert torch.equal(outs[0], outs[1])
+
+
+def test_generation_stops_at_stop_string():
+    model = micro(live=True)
+    full = generate.generate(model, ["hello"], max_new_tokens=12, max_images=0, temperature=0)[0]
+    stop = full[3:5]
+    cut = generate.generate(model, ["hello"], max_new_tokens=12, max_images=0, temperature=0, stop_at=stop)[0]
+    assert full.startswith(cut) and stop in cut and stop not in cut[:-1]  # stops at the token that completes it

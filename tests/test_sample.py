@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,3 +58,61 @@ def test_clear_errors(tmp_path, args, words):
     assert p.returncode != 0
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and words in lines[0] and lines[0].startswith("error:"), p.stderr[-2000:]
+
+
+@pytest.mark.parametrize("flag, words", [
+    ("--steps=0", "--steps=0: must be an integer >= 1"), ("--steps=-3", "--steps=-3: must be"),
+    ("--temperature=-1", "--temperature=-1.0: must be >= 0"), ("--device=banana", "--device=banana: not a torch"),
+    ("--top_p=0", "--top_p=0.0: must be in (0, 1]"), ("--max_new_tokens=0", "--max_new_tokens=0: must be"),
+    ("--max_new_tokens=-2", "--max_new_tokens=-2: must be"), ("--prompt=", "--prompt is empty"),
+])
+def test_bad_flags_give_one_line(tmp_path, flag, words):
+    p = run(["--ckpt=random", flag, f"--out_dir={tmp_path}"], cwd=tmp_path)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0], p.stderr[-2000:]
+
+
+def _broken_checkpoint(folder, how):
+    """A model folder as train.py writes it, then broken one way."""
+    import json
+    from safetensors.torch import load_file, save_file
+    from mmi import MMI, MMIConfig
+    MMI(MMIConfig.from_name("tiny")).save(folder)
+    file = folder / "model.safetensors"
+    tensors = load_file(file)
+    key = sorted(k for k, v in tensors.items() if v.is_floating_point())[5]
+    if how == "truncated":
+        file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    elif how == "shape":
+        save_file({**tensors, key: torch.zeros(3, 3)}, file)
+    elif how == "nan":
+        bad = tensors[key].clone()
+        bad.view(-1)[0] = float("inf")
+        save_file({**tensors, key: bad}, file)
+    elif how == "config":
+        cfg = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**cfg, "not_a_field": 1}))
+    return key
+
+
+@pytest.mark.parametrize("how, words", [("truncated", "corrupt or truncated"), ("shape", "has shape (3, 3)"),
+                                        ("nan", "inf values"), ("config", "unknown config keys ['not_a_field']")])
+def test_broken_checkpoint_gives_one_line(tmp_path, how, words):
+    key = _broken_checkpoint(tmp_path / "ck", how)
+    p = run([f"--ckpt={tmp_path / 'ck'}", f"--out_dir={tmp_path / 's'}"], cwd=tmp_path)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0] and str(tmp_path / "ck") in lines[0], p.stderr[-2000:]
+    if how in ("shape", "nan"):
+        assert key in lines[0]
+
+
+def test_rerun_leaves_no_stale_pictures(tmp_path):
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / "p9_1_gen.png").write_bytes(b"old")
+    (out / "mine.png").write_bytes(b"keep")  # not ours: left alone
+    p = run(["--ckpt=random", "--steps=1", "--max_new_tokens=2", f"--out_dir={out}"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert not (out / "p9_1_gen.png").exists() and (out / "mine.png").exists()
