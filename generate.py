@@ -46,7 +46,8 @@ def generate(model: MMI, prompt, max_new_tokens=90, max_images=4, begin_image=Fa
             nxt = cfg.boi_id
         else:
             logits[[cfg.image_id, tok.pad_id, tok.bos_id]] = float("-inf")  # never sampled
-            prev = torch.tensor(s.tokens, device=logits.device)[None]
+            penalised = opts["repetition_penalty"] != 1.0
+            prev = torch.tensor(s.tokens, device=logits.device)[None] if penalised else None
             nxt = int(sample_next(logits[None], opts["temperature"], opts["top_k"], opts["top_p"],
                                   opts["repetition_penalty"], prev, generator))
         if nxt == tok.eos_id:
@@ -102,12 +103,17 @@ def sample_images(model: MMI, cond, values, visible, steps=25, sampler="ddim", g
 
 class Session:
     """State of one interleaved generation (batch 1): tokens, image features, KV cache, final hidden states.
-    With the cache (use_cache), each LLM MMFS layer also keeps its projected values: an image is normed and projected
-    once per layer when it enters the context (add_image), not again for every token decoded after it."""
+    With the cache (use_cache), a decoded token costs the same whatever the length so far: only the new positions are
+    embedded and get a visibility row (from the document and BoI positions kept here, not a layout of the sequence),
+    and each LLM MMFS layer keeps its projected values: an image is normed and projected once per layer when it
+    enters the context (add_image), not again for every token decoded after it. Without the cache everything is
+    recomputed: the reference the cache is tested against."""
 
     def __init__(self, model: MMI, use_cache, max_len):
         self.m, self.max_len, self.device = model, max_len, next(model.parameters()).device
         self.tokens, self.embeds, self.llm_values, self.dec_values, self.hidden = [], [], [], [], []
+        self.doc_ids, self.bois = [], []  # document of each position; (position, document) of each BoI
+        self.slots_fed = 0                # <|image|> positions fed so far
         self.cache = model.llm.new_cache(1, max_len) if use_cache else None
         self.projected = {}  # GatedMMFS -> (n_images, S, heads*head_dim), only with the cache
 
@@ -124,45 +130,55 @@ class Session:
 
     def feed(self, new):
         """Run the LLM over new tokens (prefill or decode) -> logits of the last one [V + 2]."""
-        m, T0 = self.m, len(self.tokens)
-        self.tokens += list(new)
-        toks = torch.tensor(self.tokens, device=self.device)[None]
-        n_slots = int((toks == m.cfg.image_id).sum()) // m.cfg.n_image_tokens  # images already in the sequence
-        emb = torch.cat(self.embeds[:n_slots]) if n_slots else None
-        x = m.embed(toks, emb)                                                   # (1, T, D)
-        ctx = self.visual_context(m.layout(toks), T0)
-        if self.cache is not None:  # only the new positions
-            h = m.llm.forward_hidden(embeds=x[:, T0:], cache=self.cache, ctx=ctx)
-        else:                       # recompute everything (the reference the cache is tested against)
-            h = m.llm.forward_hidden(embeds=x, ctx=ctx)[:, T0:]
+        m, T0, new = self.m, len(self.tokens), list(new)
+        for t, i in enumerate(new, T0):
+            doc = (self.doc_ids[-1] if self.doc_ids else 0) + (i == self.m.tok.bos_id)
+            self.doc_ids.append(doc)
+            if i == m.cfg.boi_id:
+                self.bois.append((t, doc))
+        self.tokens += new
+        n_tok = m.cfg.n_image_tokens
+        first = 0 if self.cache is None else T0  # the positions this call computes
+        k0, self.slots_fed = self.slots_fed // n_tok, self.slots_fed + sum(i == m.cfg.image_id for i in new)
+        images = self.embeds[k0 if first else 0:self.slots_fed // n_tok]  # the images whose slots are computed
+        x = m.embed(torch.tensor(self.tokens[first:], device=self.device)[None],
+                    torch.cat(images) if images else None)                      # (1, T - first, D)
+        ctx = self.visual_context(first)
+        h = m.llm.forward_hidden(embeds=x, cache=self.cache, ctx=ctx)[:, T0 - first:]
         self.hidden.append(h[0])
         return m.logits(h[0, -1])
 
-    def visual_context(self, lay, T0):
-        """MMFS context of the positions fed this call: T0 on with the cache (the projected values of add_image),
-        all of them without. A BoI just fed has no image yet: its slot is zeros that no token can see."""
-        if not (lay.n_max and self.llm_values):
+    def visual_context(self, first):
+        """MMFS context of positions first.. (with the cache: the projected values of add_image). A BoI just fed has
+        no image yet: its slot is zeros that no token can see."""
+        if not (self.bois and self.llm_values):
             return None
+        pos = torch.arange(first, len(self.tokens), device=self.device)
+        docs = torch.tensor(self.doc_ids[first:], device=self.device)
+        boi_pos, boi_doc = torch.tensor(self.bois, device=self.device).T
+        # official visibility: same document, after the image's BoI (as MMI.layout)
+        visible = ((docs[:, None] == boi_doc) & (pos[:, None] > boi_pos))[None]  # (1, T - first, n_images)
 
-        def per_row(x):  # (n_images, S, C) -> (1, n_max, S, C)
-            missing = lay.n_max - x.shape[0]
+        def per_row(x):  # (images so far, S, C) -> (1, n_images, S, C)
+            missing = len(self.bois) - x.shape[0]
             return (torch.cat([x, x.new_zeros(missing, *x.shape[1:])]) if missing else x)[None]
         shapes = self.llm_values[0][1]
         if self.cache is None:
-            return VisualContext(per_row(torch.cat([v for v, _ in self.llm_values])), shapes, lay.visible)
-        projected = {layer: per_row(p) for layer, p in self.projected.items()}
-        return VisualContext(None, shapes, lay.visible[:, T0:], projected)
+            return VisualContext(per_row(torch.cat([v for v, _ in self.llm_values])), shapes, visible)
+        return VisualContext(None, shapes, visible, {layer: per_row(p) for layer, p in self.projected.items()})
 
     def draw(self, steps, sampler, guidance, generator):
         """Generate the image whose BoI was just fed; MMFS reads the previous image of the document."""
         m = self.m
-        lay = m.layout(torch.tensor(self.tokens, device=self.device)[None])
         h = torch.cat(self.hidden)[None]                                          # (1, T, D)
-        i = len(lay.pos) - 1                                                      # the image being drawn
-        cond = m.condition(h, lay.rows[i:], lay.start[i:], lay.pos[i:])
+        (pos, doc), prev = self.bois[-1], [p for p, d in self.bois[:-1] if d == self.bois[-1][1]]
+        start = self.doc_ids.index(doc)                                           # the document's first position
+        as_tensor = lambda *v: torch.tensor(v, device=self.device)  # noqa: E731
+        cond = m.condition(h, as_tensor(0), as_tensor(start), as_tensor(pos))
         if self.dec_values:
             dec, shapes = torch.cat([v for v, _ in self.dec_values]), self.dec_values[0][1]
         else:  # no image yet: prev is -1, so this placeholder is never read (MMFS then outputs its bias)
             dec, shapes = cond.new_zeros(1, 4, m.adapter.vit.cfg.hidden_size), torch.tensor([[1, 1]] * 4)
-        values, visible = m.decoder_values(dec, shapes.to(self.device), lay.prev[i:])
+        prev_index = len(self.bois) - 2 if prev else -1  # images are numbered by their BoI, as in MMI.layout
+        values, visible = m.decoder_values(dec, shapes.to(self.device), as_tensor(prev_index))
         return sample_images(m, cond, values, visible, steps, sampler, guidance, generator)[0]
