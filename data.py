@@ -62,11 +62,13 @@ class Stats:
     def end_epoch(self):
         self.skipped, self.epoch = [], Counter()
 
-    def state(self):  # what a checkpoint keeps: the counts, plain dicts
+    def state(self):  # the counts as plain dicts: what a checkpoint keeps, what DDP ranks gather
         return {"epoch": dict(self.epoch), "total": dict(self.total)}
 
-    def load_state(self, state):
-        self.epoch, self.total = Counter(state["epoch"]), Counter(state["total"])
+    def merge(self, state):
+        """Add the counts of another Stats' state() (a checkpoint's, another rank's)."""
+        self.epoch.update(state["epoch"])
+        self.total.update(state["total"])
 
     @staticmethod
     def summary(counts):
@@ -75,8 +77,10 @@ class Stats:
         return f"{n} documents" + (" (" + ", ".join(f"{k}: {v}" for k, v in counts.items()) + ")" if n else "")
 
     def report(self, max_lines=50):
-        """'skipped 3 documents (invalid json: 2, missing image: 1)' for this epoch, then up to max_lines records."""
-        lines = [f"skipped {self.summary(self.epoch)}"] + [f"  {w}: {r}" for w, r in self.skipped[:max_lines]]
+        """'skipped 3 documents (invalid json: 2, missing image: 1); 7 in all' (this epoch; the run), then up to
+        max_lines of this epoch's records."""
+        lines = [f"skipped {self.summary(self.epoch)}; {sum(self.total.values())} in all"]
+        lines += [f"  {w}: {r}" for w, r in self.skipped[:max_lines]]
         if len(self.skipped) > max_lines:
             lines.append(f"  ... and {len(self.skipped) - max_lines} more")
         return "\n".join(lines)

@@ -19,14 +19,21 @@ True/False/1/0/yes/no). A key that is not a knob goes to the model config: a fie
 Determinism: micro-batch g (g = (step * grad_accum + micro) * world_size + rank) always holds the same rows of the
 synthetic world and reseeds torch's RNG (diffusion noise, timesteps, null-condition drops) from (seed, g). So a run
 depends only on the micro-batch size and the global batch, not on the number of processes, and resuming is exact.
+
+Corpora (--data=a.jsonl,b.jsonl): bad lines are skipped and counted, per epoch and in all (printed and in
+log.jsonl); a corpus with nothing usable stops the run at once. Ctrl-C stops with one line naming the last good
+checkpoint; a checkpoint being written is finished first (ckpt.pt and model.safetensors always match).
 """
+import itertools
 import json
 import math
 import os
 import random
+import re
+import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -38,6 +45,7 @@ from tqdm import tqdm
 
 import data
 import world
+from generate import SAMPLING, generate
 from mmi import MMI, MMIConfig, PRESETS
 
 # -----------------------------------------------------------------------------
@@ -75,9 +83,9 @@ log_interval = 10
 eval_interval = 0          # 0: evaluate once at the end
 eval_n = 50                # held-out examples per kind
 eval_kinds = "i2t,qa,t2i,story"
-eval_steps = 25            # diffusion sampling steps in eval
-eval_sampler = "ddim"
-eval_guidance = 2.0
+eval_steps = SAMPLING["steps"]        # diffusion sampling in eval: the demo's settings (generate.SAMPLING);
+eval_sampler = SAMPLING["sampler"]    # text is greedy
+eval_guidance = SAMPLING["guidance"]
 ckpt_interval = 200        # also at the end
 PRESET_KNOBS = {  # official.md: AdamW (0.9, 0.995), eps 1e-6, wd 0.05, warmup 1000, 15k steps, context 2048
     "official": dict(beta2=0.995, eps=1e-6, weight_decay=0.05, warmup_steps=1000, max_steps=15000, seq_len=2048,
@@ -124,6 +132,19 @@ globals().update(PRESET_KNOBS.get(_updates.get("preset", preset), {}))
 globals().update(_updates)
 if preset not in PRESETS:
     raise SystemExit(f"error: unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+if dtype not in DTYPES:
+    raise SystemExit(f"error: --dtype={dtype} is not one of {', '.join(DTYPES)}")
+if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+    raise SystemExit(f"error: --device={device} is not one of cpu, cuda, cuda:N")
+if device.startswith("cuda") and not torch.cuda.is_available():
+    raise SystemExit(f"error: --device={device} but torch {torch.__version__} sees no CUDA device; use --device=cpu")
+if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+    raise SystemExit(f"error: --device={device} but there are {torch.cuda.device_count()} CUDA devices (cuda:0 ...)")
+data_files = [p for p in data_paths.split(",") if p]
+missing = [p for p in data_files if not Path(p).is_file()]
+if missing:
+    raise SystemExit(f"error: --data_paths: no such file: {', '.join(missing)} (expects comma-separated .jsonl files)")
 config = {k: globals()[k] for k in knob_names}  # what the checkpoint and the log record
 if int(os.environ.get("RANK", 0)) == 0:
     for k, v in {**_updates, **model_overrides}.items():
@@ -144,7 +165,7 @@ master = rank == 0
 if threads:
     torch.set_num_threads(threads)
 device_type = "cuda" if device.startswith("cuda") else "cpu"
-ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+ptdtype = DTYPES[dtype]
 autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
 scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
 out = Path(out_dir)
@@ -229,10 +250,29 @@ if master:
 
 # -----------------------------------------------------------------------------
 # data: the synthetic world is a pure function of the micro-batch index; corpora are read in order (resume skips
-# the micro-batches already seen in the current epoch)
+# the micro-batches already seen in the current epoch). Bad data is counted per epoch and for the run (data.Stats).
+
+def gather(obj):  # every rank's obj, in rank order (a collective: every rank calls it)
+    if not ddp:
+        return [obj]
+    objs = [None] * world_size
+    dist.all_gather_object(objs, obj)
+    return objs
+
+
+def all_ranks(stats):  # one Stats with every rank's counts (the records it lists are this rank's)
+    out = data.Stats()
+    out.skipped = stats.skipped
+    for state in gather(stats.state()):
+        out.merge(state)
+    return out
+
+
 stats = data.Stats()
+if ckpt is not None and master and "skipped" in ckpt:
+    stats.merge(ckpt["skipped"])  # the counts of all ranks up to the checkpoint
 if data_paths:
-    corpus = data.CorpusDataset(data_paths.split(","), tok, mcfg.n_image_tokens, seq_len, image_size=mcfg.image_size,
+    corpus = data.CorpusDataset(data_files, tok, mcfg.n_image_tokens, seq_len, image_size=mcfg.image_size,
                                 seed=seed, rank=rank, world_size=world_size)
 else:
     try:
@@ -245,20 +285,28 @@ data_pos = dict(ckpt["data_pos"]) if ckpt is not None else dict(epoch=0, micro=0
 
 
 def corpus_batches():
-    """Endless micro-batches from the corpora, epoch after epoch; reports bad data at the end of each epoch.
-    Under DDP an epoch ends for all ranks as soon as one rank runs out of rows."""
+    """Endless micro-batches from the corpora, epoch after epoch; reports bad data at the end of each epoch, and
+    stops at the end of the first epoch that had no batch at all. Under DDP an epoch ends for all ranks as soon as
+    one rank runs out of rows."""
     while True:
         corpus.set_epoch(data_pos["epoch"])
         loader = torch.utils.data.DataLoader(corpus, batch_size=batch_size, collate_fn=data.collate,
                                              num_workers=num_workers)
         it = iter(loader)
-        for _ in range(data_pos["micro"]):  # skip what this epoch already trained on
-            next(it, None)
+
+        def next_batch(count=True):  # the next batch with tokens, or None at the end of this rank's rows
+            for b in it:
+                skipped = b.pop("skipped")
+                if count:
+                    stats.add(skipped)
+                if "tokens" in b:  # else a shard with nothing usable sent its skipped records alone
+                    return b
+            return None
+
+        for _ in range(data_pos["micro"]):  # skip what this epoch already trained on (counted in the checkpoint)
+            next_batch(count=False)
         while True:
-            b = next(it, None)
-            while b is not None and "tokens" not in b:  # a shard with nothing usable sends only its skipped records
-                stats.add(b["skipped"])
-                b = next(it, None)
+            b = next_batch()
             more = torch.tensor(float(b is not None))
             if ddp:
                 dist.all_reduce(more, op=dist.ReduceOp.MIN)
@@ -266,16 +314,27 @@ def corpus_batches():
                 break
             data_pos["micro"] += 1
             yield b
+        counts = all_ranks(stats)
+        if data_pos["micro"] == 0:  # nothing to train on: stop, rather than start the next epoch forever
+            why = f"skipped {counts.summary(counts.epoch)}, kept none" if counts.epoch else "no document in them"
+            if world_size > 1:
+                why += f" (for one of the {world_size} ranks: rank r reads lines r, r + {world_size}, ...)"
+            raise SystemExit(f"error: --data_paths: nothing usable in {', '.join(data_files)}: {why}" if master else 1)
         if master:
-            print(f"epoch {data_pos['epoch']} done: " + stats.report())
-        stats.take()
+            tqdm.write(f"epoch {data_pos['epoch']} done: {counts.report()}")
+            log(dict(epoch=data_pos["epoch"], skipped=sum(counts.epoch.values()),
+                     skipped_in_all=sum(counts.total.values()), skipped_kinds=dict(counts.epoch)))
+        stats.end_epoch()
         data_pos["epoch"], data_pos["micro"] = data_pos["epoch"] + 1, 0
 
 
-if data_paths:
-    batches = corpus_batches()
-else:
-    batches = iter(synth.loader(batch_size, start_step * grad_accum, rank, world_size, num_workers))
+def synthetic_batches():
+    for b in synth.loader(batch_size, start_step * grad_accum, rank, world_size, num_workers):
+        stats.add(b.pop("skipped"))  # documents longer than seq_len
+        yield b
+
+
+batches = corpus_batches() if data_paths else synthetic_batches()
 
 
 def to_device(b):
@@ -289,18 +348,16 @@ def to_device(b):
 def evaluate(m, n=eval_n, kinds=eval_kinds):
     m.eval()
     gen = torch.Generator(device).manual_seed(seed)
-    opts = dict(temperature=0.0, repetition_penalty=1.0, steps=eval_steps, sampler=eval_sampler,
-                guidance=eval_guidance, generator=gen)
+    opts = dict(temperature=0.0, steps=eval_steps, sampler=eval_sampler, guidance=eval_guidance, generator=gen)
     metrics = {}
     for kind in [k for k in kinds.split(",") if k]:
         scores = []
         for ex in world.eval_examples(kind, n, seed=seed, size=mcfg.image_size):
             if kind in ("i2t", "qa"):  # text answer; greedy
-                items = m.generate(ex["prompt"], tok, max_new_tokens=160 if kind == "i2t" else 20, max_images=0,
-                                   **opts)
+                items = generate(m, ex["prompt"], max_new_tokens=160 if kind == "i2t" else 20, max_images=0, **opts)
                 pred = next((x for x in items if isinstance(x, str)), "")
             else:  # the prompt ends where an image must come: start it at once
-                items = m.generate(ex["prompt"], tok, max_new_tokens=1, max_images=1, begin_image=True, **opts)
+                items = generate(m, ex["prompt"], max_new_tokens=1, max_images=1, begin_image=True, **opts)
                 pred = next((x for x in items if torch.is_tensor(x)), torch.zeros(3, mcfg.image_size, mcfg.image_size))
             scores.append(world.score(ex, pred))
         for key in scores[0]:
@@ -310,27 +367,27 @@ def evaluate(m, n=eval_n, kinds=eval_kinds):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: written to a temporary file, then renamed, so a crash never leaves a broken one
+# checkpoints: ckpt.pt (all that resuming needs) and the model for sample.py (model.safetensors + config.json) are
+# all written into out/.saving, then renamed into place, ckpt.pt last: a crash never leaves a broken file, and the
+# three come from the same step (a Ctrl-C waits for the save to end: ctrl_c_deferred below)
 
 def save_checkpoint(step):
     _, key, *rest = np.random.get_state()  # stored as tensors and numbers so that weights_only loading works
     rng = dict(torch=torch.get_rng_state(), numpy_key=torch.from_numpy(key.astype(np.int64)), numpy_rest=list(rest),
                python=list(random.getstate()))
-    rngs = [None] * world_size
-    if ddp:
-        dist.all_gather_object(rngs, rng)
-    else:
-        rngs = [rng]
+    rngs, skipped = gather(rng), all_ranks(stats).state()
     if not master:
         return
     state = {k: v for k, v in raw_model.state_dict().items() if k not in skip_keys}
     obj = dict(model=state, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-               scaler=scaler.state_dict(), step=step, rng=rngs, data_pos=dict(data_pos), config=config,
-               model_overrides=model_overrides, model_config=asdict(mcfg))
-    tmp = out / ".ckpt.pt.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, ckpt_file)
-    raw_model.save(out)  # model.safetensors + config.json: what sample.py loads
+               scaler=scaler.state_dict(), step=step, rng=rngs, data_pos=dict(data_pos), skipped=skipped,
+               config=config, model_overrides=model_overrides, model_config=asdict(mcfg))
+    tmp = out / ".saving"
+    raw_model.save(tmp)
+    torch.save(obj, tmp / "ckpt.pt")
+    for name in ("model.safetensors", "config.json", "ckpt.pt"):
+        os.replace(tmp / name, out / name)
+    tmp.rmdir()
 
 
 # -----------------------------------------------------------------------------
@@ -344,16 +401,43 @@ def log(record):
         log_file.flush()
 
 
+def stop(why, status):
+    """End the run with one line: why, and where the last good checkpoint is."""
+    msg = f"{why}; stopping. " + (f"The last good checkpoint is {ckpt_file} (step {last_good})."
+                                  if last_good is not None else "No checkpoint was written yet.")
+    if master:
+        log(dict(step=step, error=msg))
+        pbar.close()
+        print(msg, file=sys.stderr)
+    sys.exit(status)
+
+
+@contextmanager
+def ctrl_c_deferred():
+    """A Ctrl-C during the block takes effect when the block ends: a checkpoint is never left half written."""
+    got = []
+    handler = signal.signal(signal.SIGINT, lambda *_: got.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    if got:
+        handler(signal.SIGINT, None)
+
+
 last_good = start_step if ckpt is not None else None
 model.train()
+if start_step < max_steps:  # the first micro-batch before the progress bar: a corpus with nothing usable stops here
+    batches = itertools.chain([next(batches)], batches)
 pbar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, disable=not master,
             dynamic_ncols=True)
+step = start_step
+signal.signal(signal.SIGINT, lambda *_: stop("interrupted (Ctrl-C)", 130))  # one line, no traceback
 t0, tokens_seen, images_seen = time.time(), 0, 0
 for step in pbar:
     sums = torch.zeros(5, dtype=torch.float64)  # loss, text loss, image loss, tokens, images (this rank)
     for micro in range(grad_accum):
         batch = to_device(next(batches))
-        stats.add(batch.pop("skipped"))
         g = (step * grad_accum + micro) * world_size + rank
         torch.manual_seed(seed * 1_000_003 + g)  # the micro-batch's own randomness, whichever process runs it
         sync = micro == grad_accum - 1
@@ -368,16 +452,9 @@ for step in pbar:
     n_micro = grad_accum * world_size
     loss_v, text_v, image_v = (sums[:3] / n_micro).tolist()
     if not math.isfinite(loss_v):
-        msg = f"step {step}: loss is {loss_v}; stopping. " + (
-            f"The last good checkpoint is {ckpt_file} (step {last_good})." if last_good is not None
-            else "No checkpoint was written yet.")
-        if master:
-            log(dict(step=step, error=msg))
-            pbar.close()
-            print(msg, file=sys.stderr)
         if ddp:
             dist.destroy_process_group()
-        sys.exit(2)
+        stop(f"step {step}: loss is {loss_v}", 2)
     if grad_clip:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
@@ -394,8 +471,9 @@ for step in pbar:
                  tokens_per_s=tokens_seen / dt, images_per_s=images_seen / dt, time=dt))
     done = step + 1 == max_steps
     if (ckpt_interval and (step + 1) % ckpt_interval == 0) or done:
-        save_checkpoint(step + 1)
-        last_good = step + 1
+        with ctrl_c_deferred():
+            save_checkpoint(step + 1)
+            last_good = step + 1
     if (eval_interval and (step + 1) % eval_interval == 0) or (done and eval_n > 0):
         if master:
             te = time.time()
@@ -406,8 +484,11 @@ for step in pbar:
         if ddp:
             dist.barrier()
 pbar.close()
+counts = all_ranks(stats)
 if master:
-    print(f"done: {max_steps} steps, {time.time() - t0:.0f} s of training; data: " + stats.report())
+    log(dict(step=max_steps, skipped_in_all=sum(counts.total.values()), skipped_kinds=dict(counts.total)))
+    print(f"done: {max_steps} steps, {time.time() - t0:.0f} s of training; data: skipped "
+          f"{counts.summary(counts.total)} in all")
     print(f"checkpoint: {ckpt_file}; model for sample.py: {out}/model.safetensors")
 if ddp:
     dist.destroy_process_group()

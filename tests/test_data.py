@@ -178,11 +178,11 @@ def test_corpus_shard_with_nothing_usable_sends_its_records(tmp_path, tok):
 def test_stats_counts_per_epoch_and_in_all():
     stats = data.Stats()
     stats.add([("a.jsonl:1", "invalid json: x"), ("a.jsonl:2", "missing image: b.png")])
-    assert stats.report().startswith("skipped 2 documents (invalid json: 1, missing image: 1)\n  a.jsonl:1")
+    assert stats.report().startswith("skipped 2 documents (invalid json: 1, missing image: 1); 2 in all\n  a.jsonl:1")
     stats.end_epoch()
-    assert stats.report() == "skipped 0 documents" and sum(stats.total.values()) == 2
+    assert stats.report() == "skipped 0 documents; 2 in all"
     stats.skip("a.jsonl:1", "invalid json: x")
     restored = data.Stats()
-    restored.load_state(stats.state())  # what a checkpoint keeps
+    restored.merge(stats.state())  # what a checkpoint keeps
     assert restored.epoch == {"invalid json": 1} and restored.total == {"invalid json": 2, "missing image": 1}
     assert data.Stats.summary(restored.total) == "3 documents (invalid json: 2, missing image: 1)"

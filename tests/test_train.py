@@ -1,9 +1,12 @@
 """train.py end to end on a shrunken tiny model (CPU, seconds each): exact resume, 2-process DDP == 1 process,
-NaN stops with the last good checkpoint kept, bad corpus data counted, argument type checks."""
+NaN stops with the last good checkpoint kept, Ctrl-C stops cleanly with a consistent checkpoint, bad corpus data
+counted per epoch and in all, a corpus with nothing usable stops at once, argument checks."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,10 +20,12 @@ SMALL = ["--seq_len=128", "--n_image_tokens=4", "--llm.n_layers=2", "--llm.dim=6
          "--eval_n=0", "--log_interval=1", "--threads=1"]
 
 
-def run(args, out, launcher=None, check=True):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def run(args, out, launcher=None, check=True, timeout=600):
     cmd = (launcher or [sys.executable]) + [str(ROOT / "train.py"), f"--out_dir={out}", *SMALL, *args]
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
@@ -54,6 +59,9 @@ def test_resume_is_exact(tmp_path):
     ck = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)
     assert ck["step"] == 4 and not any(k.startswith(("_orig_mod.", "module.")) for k in ck["model"])
     assert {"optimizer", "scheduler", "rng", "data_pos"} <= ck.keys()
+    (tmp_path / "plain").write_text("")  # every file written has the mode of a plain new file (umask), not 0600
+    modes = {f.name: oct(f.stat().st_mode & 0o777) for f in (tmp_path / "resumed").iterdir()}
+    assert set(modes.values()) == {oct((tmp_path / "plain").stat().st_mode & 0o777)}, modes
 
 
 def test_corrupt_checkpoint_is_one_clear_error(tmp_path):
@@ -108,6 +116,64 @@ def test_corpus_bad_data_is_counted(tmp_path):
     report = p.stdout
     assert "skipped 3 documents" in report, report[-2000:]
     assert "c.jsonl:2" in report and "missing image" in report and "corrupt image" in report
+    # one row per epoch: epochs 0 and 1 end, step 3 reads epoch 2; each epoch skips the same 3 lines again
+    assert "epoch 0 done: skipped 3 documents" in report and "; 3 in all" in report
+    assert "epoch 1 done: skipped 3 documents" in report and "; 6 in all" in report
+    done = [line for line in report.splitlines() if line.startswith("done:")]
+    assert len(done) == 1 and "skipped 9 documents" in done[0] and done[0].endswith(" in all"), done
+    recs = [json.loads(line) for line in open(tmp_path / "out" / "log.jsonl")]
+    assert [(r["epoch"], r["skipped"], r["skipped_in_all"]) for r in recs if "epoch" in r] == [(0, 3, 3), (1, 3, 6)]
+    assert recs[-1]["skipped_in_all"] == 9 and recs[-1]["skipped_kinds"]["missing image"] == 3
+    # resumed in the middle of epoch 2: the counts carry on
+    p = run(["--batch_size=1", "--max_steps=4", f"--data={tmp_path / 'c.jsonl'}", "--resume=True"], tmp_path / "out")
+    assert "epoch 2 done: skipped 3 documents (invalid json: 1, missing image: 1, corrupt image: 1); 9 in all" \
+        in p.stdout
+    assert "skipped 12 documents" in [line for line in p.stdout.splitlines() if line.startswith("done:")][0]
+
+
+def test_corpus_with_nothing_usable_stops_at_once(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "bad.jsonl").write_text('{"items": [ broken\n{"foo": 1}\n\n')
+    for files, why in [("empty.jsonl", "no document"),
+                       ("bad.jsonl,empty.jsonl", "skipped 2 documents (invalid json: 1, bad format: 1), kept none")]:
+        paths = ",".join(str(tmp_path / f) for f in files.split(","))
+        p = run(["--max_steps=5", f"--data_paths={paths}"], tmp_path / "out", check=False, timeout=120)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode != 0 and len(lines) == 1, p.stderr[-2000:]
+        assert lines[0].startswith("error: --data_paths: nothing usable in") and why in lines[0], lines[0]
+        assert all(str(tmp_path / f) in lines[0] for f in files.split(","))
+
+
+def test_system_flags_are_one_line_errors(tmp_path):
+    cases = [(f"--data_paths={tmp_path / 'no.jsonl'}", f"--data_paths: no such file: {tmp_path / 'no.jsonl'}"),
+             ("--dtype=float8", "--dtype=float8 is not one of float32, bfloat16, float16"),
+             ("--device=tpu", "--device=tpu is not one of cpu, cuda, cuda:N")]
+    if not torch.cuda.is_available():
+        cases.append(("--device=cuda", "--device=cuda but torch"))
+    for arg, words in cases:
+        p = run([arg, "--max_steps=1"], tmp_path / "out", check=False)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: " + words), (arg, p.stderr)
+
+
+def test_ctrl_c_stops_cleanly_with_a_consistent_checkpoint(tmp_path):
+    out = tmp_path / "int"
+    cmd = [sys.executable, str(ROOT / "train.py"), f"--out_dir={out}", *SMALL, "--batch_size=1", "--max_steps=1000",
+           "--ckpt_interval=1", "--warmup_steps=1"]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "ckpt.pt").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.1)  # a checkpoint is written every step: this lands in a step or in a save
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "Traceback" not in err, err[-3000:]
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    assert err.rstrip().endswith(f"The last good checkpoint is {out / 'ckpt.pt'} (step {ck['step']}).")
+    w = weights(out)  # model.safetensors is from the same step as ckpt.pt
+    assert all(torch.equal(w[k], ck["model"][k]) for k in w) and not (out / ".saving").exists()
+    run(["--batch_size=1", f"--max_steps={ck['step'] + 1}", "--resume=True", "--warmup_steps=1"], out)
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == ck["step"] + 1
 
 
 def test_argument_type_checks(tmp_path):
