@@ -13,6 +13,7 @@ Public API
     cfg = MMIConfig.from_name("tiny", n_image_tokens=8, **{"llm.n_layers": 6})  # presets: "official", "tiny"
     model = MMI(cfg)                           # random init (tiny: everything trainable, from scratch)
     model = MMI.from_components(clip=..., llm=..., sd=...)   # official folders, paper freezing
+    model = MMI.from_released(path, clip=..., llm=..., sd=...)  # the authors' released checkpoint (released.py)
     tok = model.tok                            # the LLM's tokenizer + <|beginofimage|>, <|image|> (tokenizer.py)
     h, lay, dec = model.hidden_states(tokens, images)        # LLM states [B, T, D], image layout, decoder values
     out = model(batch)                         # dict: loss, text_loss, image_loss, n_text, n_images
@@ -37,17 +38,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import released
 from llm import LLaMA, LLaMAConfig, RMSNorm
 from mmfs import MMFS, pixel_centres
 from tokenizer import mmi_tokenizer
 from diffusion import NoiseSchedule, cfg_combine
 from unet import AutoencoderKL, UNet, UNetConfig, VAEConfig
-from vit import CLIPVisionConfig, ViTAdapter, VisionTransformer, resize01, sincos_1d, sincos_2d, to_tensor01
+from vit import CLIPVisionConfig, ViTAdapter, VisionTransformer, resize01, sincos_1d, sincos_2d, sincos_2d_resized
 from weights import CheckpointError, check_finite, open_checkpoint, read_json
 
 # The 2 new LM-head rows (BoI, <|image|>): a frozen part (weight 0, bias NEW_ROW_OFFSET) plus a trainable Linear
 # (weight 0, bias BOI_INIT_LOGIT - NEW_ROW_OFFSET): both start at logit BOI_INIT_LOGIT (official)
 NEW_ROW_OFFSET, BOI_INIT_LOGIT = -100.0, -5.0
+QFORMER_EPS = 1e-12  # every LayerNorm of both Q-Formers (transformers' BLIP-2 default, official)
 
 # -----------------------------------------------------------------------------
 # Configuration
@@ -64,31 +67,35 @@ class MMIConfig:
     tokenizer: str = "byte"            # "byte" (ByteTokenizer), "world" (assets/world.model), "llama" (the LLM
                                        # folder's tokenizer.model) or a SentencePiece tokenizer.model path
     pad_id: int | None = None          # None: the tokenizer's own (official: 31999)
-    # image tokenizer: Q-Former-style Perceiver resampler (official: 64 tokens, 768 wide, 12 layers, 12 heads,
-    # cross-attention in layers 0, 2, ..., qk-norm, dropout 0.1)
+    # image tokenizer: Q-Former-style Perceiver resampler reading the ViT tokens at the ViT's width (official: 64
+    # tokens, 768 wide, 12 layers, 12 heads, FFN 3072, cross-attention in layers 0, 2, ..., qk-norm, dropout 0.1)
     n_image_tokens: int = 64
     res_dim: int = 768
     res_layers: int = 12
     res_heads: int = 12
+    res_ffn: int = 3072                 # transformers' Q-Former default (the authors' YAML does not set it)
     res_cross_every: int = 2
     res_dropout: float = 0.1
     res_init_std: float = 0.02          # resampler Linear weights (official 0.02)
     res_out_std: float = 1e-3           # resampler output projection into the LLM (official N(0, 1e-3))
-    # MMFS in the LLM (official: every 4th layer from 0, 16 heads x 64, 3 levels, 8 points, offsets +-3, 50 images)
+    # MMFS in the LLM (official: every 4th layer from 0, 16 heads x 64, 3 levels, 8 points, offsets +-3, an image
+    # index table of 50 rows: row 0 for invisible images, at most 49 visible)
     mmfs_every: int = 4
     mmfs_heads: int = 16
     mmfs_head_dim: int = 64
     mmfs_points: int = 8
     mmfs_offset_init: float = 3.0
-    max_images: int = 50
+    max_images: int = 49
     mmfs_gate_init: float = 0.0         # tanh gate of the LLM MMFS (official 0: the LLM starts unchanged)
     use_mmfs: bool = True               # False: the ablation without MMFS, in the LLM and in the U-Net (paper Table 6)
-    # image decoder (official: 1-layer resampler, 77 queries, 1024 wide, 16 heads; MMFS 16 heads, 4 levels,
-    # 8 points, offsets +-1; 512 px; null condition for 10% of images; loss weight 10)
+    # image decoder (official: 1-layer resampler, 77 queries, 1024 wide = the U-Net's context width, 16 heads, FFN
+    # 3072, no output Linear; MMFS 16 heads, 4 levels, 8 points, offsets +-1; 512 px; null condition for 10% of
+    # images; loss weight 10)
     dec_queries: int = 77
     dec_dim: int = 1024
     dec_layers: int = 1
     dec_heads: int = 16
+    dec_ffn: int = 3072
     dec_mmfs_heads: int = 16
     dec_mmfs_head_dim: int = 64
     dec_mmfs_points: int = 8
@@ -131,7 +138,7 @@ class MMIConfig:
 
 PRESETS = {
     "official": dict(
-        adapter=dict(n_blocks=4, n_heads=16, n_points=4, deform_ratio=0.5, cffn_ratio=0.25, n_extra_extractors=2),
+        adapter=dict(n_blocks=4, n_points=4, deform_ratio=0.5, cffn_ratio=0.25, n_extra_extractors=2),
         llm=dict(vocab_size=32000, dim=5120, n_layers=40, n_heads=40, hidden_dim=13824, norm_eps=1e-6,
                  max_seq_len=2048),  # Vicuna-13B v1.3
         schedule=dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -142,8 +149,8 @@ PRESETS = {
     "tiny": dict(
         vision=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
                     patch_size=8, image_size=32, layer_norm_eps=1e-5, num_channels=3, hidden_act="quick_gelu"),
-        adapter=dict(n_blocks=2, n_heads=4, n_points=4, deform_ratio=0.5, cffn_ratio=0.25, n_extra_extractors=0,
-                     spm_channels=16),  # maps 16, 8, 4, 2 px for 32 px images
+        adapter=dict(n_blocks=4, n_points=4, deform_ratio=0.5, cffn_ratio=0.25, n_extra_extractors=2,
+                     spm_channels=16),  # one ViT layer per interaction block; maps 16, 8, 4, 2 px for 32 px images
         tokenizer="world",  # 440-piece SentencePiece BPE of the synthetic world (assets/make_world_tokenizer.py)
         llm=dict(vocab_size=440, dim=128, n_layers=4, n_heads=4, hidden_dim=352, norm_eps=1e-5, max_seq_len=512),
         # 3 levels (32, 16, 8 px), attention at 16 and 8: a U-Net has no position embedding, only its zero padding
@@ -156,12 +163,12 @@ PRESETS = {
         schedule=dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
                       # tiny-only: v-prediction; epsilon draws noise after a few hundred steps at 32 px
                       prediction_type="v_prediction", timestep_spacing="leading", clip_sample=True),
-        n_image_tokens=16, res_dim=64, res_layers=2, res_heads=4, res_dropout=0.0,
+        n_image_tokens=16, res_dim=64, res_layers=2, res_heads=4, res_ffn=256, res_dropout=0.0,
         res_init_std=0.125, res_out_std=0.1,  # tiny-only: from scratch the media must get through from step 0
         mmfs_every=2, mmfs_heads=4, mmfs_head_dim=16, mmfs_points=2, mmfs_offset_init=1.0, max_images=8,
         mmfs_gate_init=1.0,  # tiny-only: open gates (a zero-init gate stays near 0 for hundreds of steps)
-        dec_queries=16, dec_dim=64, dec_heads=4, dec_mmfs_heads=4, dec_mmfs_head_dim=16, dec_mmfs_points=2,
-        image_size=32, freeze_vit=False, freeze_llm=False, lr=1e-3, lr_unet=1e-3,
+        dec_queries=16, dec_dim=64, dec_heads=4, dec_ffn=256, dec_mmfs_heads=4, dec_mmfs_head_dim=16,
+        dec_mmfs_points=2, image_size=32, freeze_vit=False, freeze_llm=False, lr=1e-3, lr_unet=1e-3,
         lr_offsets=1e-3),  # tiny-only: offsets learn where to look at the lr of the rest (official 10x lower)
 }
 
@@ -177,8 +184,8 @@ class ResamplerAttention(nn.Module):
         self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(kv_dim, dim), nn.Linear(kv_dim, dim)
         self.o = nn.Linear(dim, dim)
         hd = dim // n_heads  # qk-norm: a LayerNorm per head on queries and keys (official image resampler)
-        self.q_norm = nn.LayerNorm(hd) if qk_norm else nn.Identity()
-        self.k_norm = nn.LayerNorm(hd) if qk_norm else nn.Identity()
+        self.q_norm = nn.LayerNorm(hd, eps=QFORMER_EPS) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(hd, eps=QFORMER_EPS) if qk_norm else nn.Identity()
 
     def forward(self, x, kv, mask=None):  # x (B, T, dim), kv (B, S, kv_dim), mask (B, S) True = attend
         B, T, C = x.shape
@@ -192,13 +199,14 @@ class ResamplerAttention(nn.Module):
 class ResamplerLayer(nn.Module):
     """BERT-style (post-LN) layer: self-attention over the queries, optional cross-attention to the media, MLP."""
 
-    def __init__(self, dim, media_dim, n_heads, cross, qk_norm, dropout):
+    def __init__(self, dim, media_dim, n_heads, ffn, cross, qk_norm, dropout):
         super().__init__()
-        self.self_attn, self.ln1 = ResamplerAttention(dim, dim, n_heads, qk_norm, dropout), nn.LayerNorm(dim)
+        ln = functools.partial(nn.LayerNorm, dim, eps=QFORMER_EPS)
+        self.self_attn, self.ln1 = ResamplerAttention(dim, dim, n_heads, qk_norm, dropout), ln()
         self.cross_attn = ResamplerAttention(dim, media_dim, n_heads, qk_norm, dropout) if cross else None
-        self.ln2 = nn.LayerNorm(dim) if cross else None
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
-        self.ln3, self.drop = nn.LayerNorm(dim), nn.Dropout(dropout)
+        self.ln2 = ln() if cross else None
+        self.mlp = nn.Sequential(nn.Linear(dim, ffn), nn.GELU(), nn.Linear(ffn, dim))
+        self.ln3, self.drop = ln(), nn.Dropout(dropout)
 
     def forward(self, x, media, mask=None):
         x = self.ln1(x + self.drop(self.self_attn(x, x)))
@@ -208,22 +216,26 @@ class ResamplerLayer(nn.Module):
 
 
 class Resampler(nn.Module):
-    """n learned queries read a variable-length media sequence -> [B, n, out_dim] (Flamingo / BLIP-2 style)."""
+    """n learned queries read a variable-length media sequence -> [B, n, out_dim] (Flamingo / BLIP-2 style); the
+    media keep their own width (media_dim), the keys/values of the cross-attention map it to dim.
+    out_dim None: no output Linear (the decoder's, whose width is the U-Net's context width)."""
 
-    def __init__(self, n_queries, dim, n_layers, n_heads, media_dim, out_dim, cross_every=1, qk_norm=False,
-                 dropout=0.0, out_std=0.02, init_std=0.02):
+    def __init__(self, n_queries, dim, n_layers, n_heads, media_dim, out_dim=None, ffn=None, cross_every=1,
+                 qk_norm=False, dropout=0.0, out_std=0.02, init_std=0.02):
         super().__init__()
         self.queries = nn.Parameter(torch.zeros(n_queries, dim))
-        self.ln_q, self.drop = nn.LayerNorm(dim), nn.Dropout(dropout)
-        self.layers = nn.ModuleList(ResamplerLayer(dim, media_dim, n_heads, i % cross_every == 0, qk_norm, dropout)
-                                    for i in range(n_layers))
-        self.out = nn.Linear(dim, out_dim)
-        for m in self.modules():
+        self.ln_q, self.drop = nn.LayerNorm(dim, eps=QFORMER_EPS), nn.Dropout(dropout)
+        self.layers = nn.ModuleList(
+            ResamplerLayer(dim, media_dim, n_heads, ffn or 4 * dim, i % cross_every == 0, qk_norm, dropout)
+            for i in range(n_layers))
+        self.out = nn.Linear(dim, out_dim) if out_dim else nn.Identity()
+        for m in self.modules():  # BLIP-2's initialisation
             if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=init_std)
+                nn.init.normal_(m.weight, std=init_std)
                 nn.init.zeros_(m.bias)
-        nn.init.trunc_normal_(self.queries, std=0.02)
-        nn.init.normal_(self.out.weight, std=out_std)  # official image resampler: N(0, 1e-3) into the LLM
+        nn.init.normal_(self.queries, std=0.02)
+        if out_dim:
+            nn.init.normal_(self.out.weight, std=out_std)  # official image resampler: N(0, 1e-3) into the LLM
         self.gradient_checkpointing = False
 
     def _run(self, layer, *args):  # recompute in backward when gradient_checkpointing (as unet.UNet._run)
@@ -298,15 +310,16 @@ class MMI(nn.Module):
     def __init__(self, cfg: MMIConfig, vit=None, llm=None, unet=None, vae=None):
         super().__init__()
         self.cfg = cfg
-        # (1) image tokenizer: ViT + adapter -> tokens and 4 maps; Linear -> LN + 2D sin-cos -> LN -> resampler
+        # (1) image tokenizer: ViT + adapter -> tokens and 4 maps; at the ViT's width Dv: Linear -> LN + 2D sin-cos
+        # -> LN -> resampler (its cross-attention maps Dv to res_dim)
         vit = vit or VisionTransformer(CLIPVisionConfig(**cfg.vision))
         self.adapter = ViTAdapter(vit, **cfg.adapter)
         Dv, self.grid = vit.cfg.hidden_size, vit.cfg.image_size // vit.cfg.patch_size
         self.llm = llm or LLaMA(LLaMAConfig(**cfg.llm))
-        D = self.llm.cfg.dim
-        self.vis_proj, self.vis_ln1, self.vis_ln2 = nn.Linear(Dv, cfg.res_dim), nn.LayerNorm(cfg.res_dim), \
-            nn.LayerNorm(cfg.res_dim)
-        self.resampler = Resampler(cfg.n_image_tokens, cfg.res_dim, cfg.res_layers, cfg.res_heads, cfg.res_dim, D,
+        D, V = self.llm.cfg.dim, self.llm.cfg.vocab_size
+        self.vis_proj = nn.Linear(Dv, Dv)
+        self.vis_ln1, self.vis_ln2 = nn.LayerNorm(Dv, eps=1e-6), nn.LayerNorm(Dv, eps=1e-6)
+        self.resampler = Resampler(cfg.n_image_tokens, cfg.res_dim, cfg.res_layers, cfg.res_heads, Dv, D, cfg.res_ffn,
                                    cfg.res_cross_every, qk_norm=True, dropout=cfg.res_dropout, out_std=cfg.res_out_std,
                                    init_std=cfg.res_init_std)
         # (2) LLM: MMFS in layers 0, k, 2k, ...; BoI embedding = frozen base row + learnable zero-init vector;
@@ -318,17 +331,25 @@ class MMI(nn.Module):
         self.new_head = nn.Linear(D, 2)
         nn.init.zeros_(self.new_head.weight)
         nn.init.constant_(self.new_head.bias, BOI_INIT_LOGIT - NEW_ROW_OFFSET)
+        # the frozen bias of the extended LM head (official text_decoder.head.bias): 0 on the LLM's rows
+        self.head_bias = nn.Parameter(torch.cat([torch.zeros(V), torch.full((2,), NEW_ROW_OFFSET)]),
+                                      requires_grad=False)
         # (3) image decoder: context projection + 1D sin-cos -> resampler -> U-Net context; MMFS on U-Net skips
         self.unet = unet or UNet(UNetConfig.from_dict(cfg.unet))
         C = self.unet.cfg.cross_attention_dim
+        if cfg.dec_dim != C:
+            raise ValueError(f"dec_dim {cfg.dec_dim} must be the U-Net's cross-attention width {C} (official: the "
+                             "decoder resampler has no output Linear)")
         self.ctx_proj = nn.Linear(D, D)
-        self.dec_resampler = Resampler(cfg.dec_queries, cfg.dec_dim, cfg.dec_layers, cfg.dec_heads, D, C)
+        self.dec_resampler = Resampler(cfg.dec_queries, C, cfg.dec_layers, cfg.dec_heads, D, ffn=cfg.dec_ffn)
         self.null_cond = nn.Parameter(torch.randn(cfg.dec_queries, C))  # official: SD's text encoding of ""
         self.vae = vae if vae is not None else AutoencoderKL(VAEConfig.from_dict(cfg.vae)) if cfg.vae else None
         self.latent = cfg.image_size // (8 if self.vae is not None else 1)
-        self.dec_norm_v = nn.LayerNorm(Dv)  # values: LayerNorm over all four adapter levels of the previous image
+        # each tap: LayerNorm(skip) + 2D sin-cos queries; its own LayerNorm over all four adapter levels of the
+        # previous image as values
         taps = self.unet.taps if cfg.use_mmfs else []
-        self.dec_norm_q = nn.ModuleList(nn.LayerNorm(c) for c, _ in taps)
+        self.dec_norm_q = nn.ModuleList(nn.LayerNorm(c, eps=1e-6) for c, _ in taps)
+        self.dec_norm_v = nn.ModuleList(nn.LayerNorm(Dv, eps=1e-6) for _ in taps)
         self.dec_mmfs = nn.ModuleList(
             MMFS(c, Dv, cfg.dec_mmfs_heads, 4, cfg.dec_mmfs_points, head_dim=cfg.dec_mmfs_head_dim,
                  offset_init=cfg.dec_mmfs_offset_init, max_images=1, base_grid=(self.latent // s, self.latent // s))
@@ -369,9 +390,9 @@ class MMI(nn.Module):
     def encode_images(self, images01):
         """[N, 3, H, W] in [0, 1] -> (embeddings [N, n_tok, D] for the <|image|> slots, maps: 4 x [N, Dv, h, w])."""
         tokens, maps = self.adapter(images01)
-        x = self.vis_ln1(self.vis_proj(tokens.to(self.vis_proj.weight.dtype)))
-        g, dim = self.grid, self.cfg.res_dim
-        pos = torch.cat([x.new_zeros(1, dim), sincos_2d(g, g, dim, x.device, x.dtype)])  # class token: no position
+        x = self.vis_ln1(self.vis_proj(tokens.to(self.vis_proj.weight.dtype)))    # (N, 1+g*g, Dv)
+        g, Dv = self.grid, x.shape[-1]
+        pos = torch.cat([x.new_zeros(1, Dv), sincos_2d(g, g, Dv, x.device, x.dtype)])  # class token: no position
         return self.resampler(self.vis_ln2(x + pos)), maps
 
     @staticmethod
@@ -425,16 +446,25 @@ class MMI(nn.Module):
         return VisualContext(per_row, shapes, lay.visible)
 
     def logits(self, h):
-        """Frozen LM head for the text vocabulary + the trainable rows of BoI and <|image|> -> [..., V + 2]."""
-        new = self.new_head(h.to(self.new_head.weight.dtype)) + NEW_ROW_OFFSET
-        return torch.cat([self.llm.lm_head(h).float(), new.float()], -1)
+        """Frozen LM head for the text vocabulary + the trainable rows of BoI and <|image|>, plus the frozen head
+        bias -> [..., V + 2]."""
+        new = self.new_head(h.to(self.new_head.weight.dtype))
+        return torch.cat([self.llm.lm_head(h).float(), new.float()], -1) + self.head_bias.float()
 
-    def text_targets(self, tokens):
-        """Next-token targets, -100 where ignored: pad, <|image|>, <s>, and BoI right after <s> (official)."""
+    def text_targets(self, tokens, pairs=False, doc_ids=None):
+        """Next-token targets, -100 where ignored: pad, <|image|>, <s>, and BoI right after <s> (official).
+        pairs=True (image-text pair batches, official LAION rule): also every target with no BoI at or before it in
+        its document, so a caption written before its image gets no text loss."""
         inp, tgt = tokens[:, :-1], tokens[:, 1:].clone()
         bos = self.tok.bos_id
         ignore = (tgt == self.tok.pad_id) | (tgt == self.cfg.image_id) | (tgt == bos) | \
                  ((tgt == self.cfg.boi_id) & (inp == bos))
+        if pairs:
+            doc = (tokens == bos).long().cumsum(1) if doc_ids is None else doc_ids
+            boi = (tokens == self.cfg.boi_id).long().cumsum(1)                    # BoIs up to and including t
+            at_start = torch.where(doc[:, 1:] != doc[:, :-1], boi[:, :-1], 0)     # BoIs before each document
+            first = torch.cat([boi.new_zeros(boi.shape[0], 1), at_start], 1).cummax(1).values
+            ignore |= (boi == first)[:, 1:]                                       # none in the document so far
         return tgt.masked_fill(ignore, -100)
 
     # --- image decoder ------------------------------------------------------------------------------------------
@@ -451,9 +481,8 @@ class MMI(nn.Module):
 
     def project_decoder_values(self, values):
         """values [n, 1, S, Dv] of the images that have a previous image -> what each U-Net MMFS samples from: its
-        projection of the LayerNormed values."""
-        v = self.dec_norm_v(values)
-        return [mmfs.project_values(v) for mmfs in self.dec_mmfs]
+        projection of the values normed by its own LayerNorm."""
+        return [mmfs.project_values(norm(values)) for norm, mmfs in zip(self.dec_norm_v, self.dec_mmfs)]
 
     def denoise(self, x, t, cond, values, visible, projected=None):
         """U-Net prediction with MMFS residuals on the skips and mid block (official "MMFS in the UNet").
@@ -470,18 +499,21 @@ class MMI(nn.Module):
             B, C, H, W = f.shape
             y = mmfs.output_proj.bias.expand(B, H * W, C)  # no previous image: MMFS reads only the null key
             if len(seen):  # compute MMFS just for the images that have a previous image (exactly the same result)
-                q = norm(f[seen].flatten(2).transpose(1, 2)) + sincos_2d(H, W, C, f.device, f.dtype)  # (b, H*W, C)
+                pos = sincos_2d_resized(self.latent, H, W, C, f.device, f.dtype)  # one latent-size table, resized
+                q = norm(f[seen].flatten(2).transpose(1, 2)) + pos               # (b, H*W, C)
                 y = y.index_copy(0, seen, mmfs(q, pixel_centres(H, W, f.device), v, shapes,
                                                q.new_ones(len(seen), H * W, 1, dtype=torch.bool), value_projected=True))
             feats.append(f + conv(y).transpose(1, 2).reshape(B, C, H, W).to(f.dtype))
         return self.unet.up(feats[:-1], feats[-1], emb, cond)
 
-    def to_latent(self, x01):
+    def to_latent(self, x01, eps=None):
+        """Images in [0, 1] -> a sample of the VAE posterior (eps: its standard-normal draw), scaled."""
         x = resize01(x01, self.cfg.image_size) * 2 - 1
         if self.vae is None:
             return x
         mean, logvar = self.vae.encode(x.to(next(self.vae.parameters()).dtype))
-        return (mean + (0.5 * logvar).exp() * torch.randn_like(mean)) * self.vae.scaling_factor
+        eps = torch.randn_like(mean) if eps is None else eps.to(mean)
+        return (mean + (0.5 * logvar).exp() * eps) * self.vae.scaling_factor
 
     def from_latent(self, z):
         if self.vae is not None:
@@ -508,12 +540,16 @@ class MMI(nn.Module):
         h = self.llm.forward_hidden(embeds=self.embed(tokens, emb), ctx=ctx)              # (B, T, D)
         return h, lay, dec
 
-    def forward(self, batch):
+    def forward(self, batch, draws=None):
         """The two losses of the paper (section 3.3): next-token cross-entropy on text, and the diffusion loss of
-        every image that has text before it, conditioned on the LLM states up to its BoI."""
+        every image that has text before it, conditioned on the LLM states up to its BoI.
+        Optional batch keys: doc_ids; images_dec [N, 3, S, S] (the decoder's own crops; default: images resized);
+        pairs (True: the image-text-pair text rule of text_targets).
+        draws: replay the random draws, each for all N images (official names): noise, timesteps, vae_eps, and
+        uncond_rand (null condition where < null_prob; applied in eval mode too when given)."""
         tokens, images = batch["tokens"], batch.get("images")
         h, lay, dec = self.hidden_states(tokens, images, batch.get("doc_ids"))
-        tgt = self.text_targets(tokens)
+        tgt = self.text_targets(tokens, batch.get("pairs", False), batch.get("doc_ids"))
         text_loss = F.cross_entropy(self.logits(h[:, :-1]).flatten(0, 1), tgt.flatten(), ignore_index=-100)
         n_text = int((tgt != -100).sum())
         if n_text == 0:
@@ -522,17 +558,21 @@ class MMI(nn.Module):
         sel = lay.has_context.nonzero(as_tuple=True)[0]  # no image loss when the context is only <s> BoI
         image_loss = text_loss.new_zeros(())
         if len(sel):
+            d = {k: v[sel.to(v.device)] for k, v in (draws or {}).items()}  # the draws of the images with a loss
             cond = self.condition(h, lay.rows[sel], lay.start[sel], lay.pos[sel])
-            if self.training:  # classifier-free guidance: the learnable null condition for a random 10%
-                drop = torch.rand(len(sel), device=cond.device) < self.cfg.null_prob
-                cond = torch.where(drop[:, None, None], self.null_cond.to(cond.dtype), cond)
+            if self.training or "uncond_rand" in d:  # classifier-free guidance: the null condition for 10%
+                u = d["uncond_rand"].reshape(-1) if "uncond_rand" in d else torch.rand(len(sel), device=cond.device)
+                drop = (u.to(cond.device) < self.cfg.null_prob)[:, None, None]
+                cond = torch.where(drop, self.null_cond.to(cond.dtype), cond)
             with torch.no_grad():
-                x0 = self.to_latent(images[sel])
-            noise = torch.randn_like(x0)
-            t = torch.randint(0, self.schedule.N, (len(sel),), device=x0.device)
+                x0 = self.to_latent(batch.get("images_dec", images)[sel], d.get("vae_eps"))
+            noise = d["noise"].to(x0) if "noise" in d else torch.randn_like(x0)
+            t = d["timesteps"].to(x0.device) if "timesteps" in d else \
+                torch.randint(0, self.schedule.N, (len(sel),), device=x0.device)
             values, visible = self.decoder_values(*dec, lay.prev[sel])
             pred = self.denoise(self.schedule.add_noise(x0, noise, t), t, cond, values, visible)
-            image_loss = F.mse_loss(pred.float(), self.schedule.target(x0, noise, t).float())
+            err = (pred.float() - self.schedule.target(x0, noise, t).float()).square().flatten(1).mean(1)
+            image_loss = err.sum() / len(lay.rows)  # a mean over ALL images, those without context as zeros (official)
         loss = text_loss + self.cfg.image_loss_weight * image_loss
         # every trainable parameter takes part in every step (a batch without images, or whose images have no
         # context, would leave some unused): DDP then needs no find_unused_parameters. Adds exactly zero.
@@ -560,6 +600,31 @@ class MMI(nn.Module):
             model.boi_base.copy_(lm.embed.weight.float().mean(0))  # as a resized embedding table's new row
             if null_cond is not None:
                 model.null_cond.copy_(null_cond)
+        return model
+
+    @classmethod
+    def from_released(cls, path, clip, llm, sd, config=None, dtype=None):
+        """The authors' released checkpoint: `path` a folder of their .bin shards of the whole model's state dict
+        (or one file); clip / llm / sd the component folders as for from_components; config the authors' model
+        settings (their YAML's model section, or fixture.json's model_config) where they differ from the release.
+        Every tensor is mapped by released.py (strict, lazy). The frozen ViT, LLaMA and VAE stay those of the
+        component folders (so save() / load() reproduce the model); the checkpoint's copies must agree with them."""
+        config = config or {}
+        model = cls.from_components(clip, llm, sd, dtype=dtype, **released.overrides(config))
+        released.check_config(config, model.cfg, "released config")
+        ckpt = released.released_checkpoint(path)
+        state = model.state_dict()
+        plan = released.convert(ckpt, state, ckpt.file_of)
+        frozen = model.official_keys()
+        missing = state.keys() - plan.keys() - frozen
+        if missing:
+            raise CheckpointError(f"{path}: the released checkpoint lacks {sorted(missing)[:10]}")
+        for k in sorted(frozen & plan.keys()):  # fp16/bf16 rounding passes, another component does not
+            ours, theirs = state[k].float(), plan.pop(k).float()
+            if (ours - theirs).abs().max() > 1e-2 * ours.abs().max():
+                raise CheckpointError(f"{path}: {k!r} differs from the component folders' (another CLIP / LLaMA / "
+                                      "VAE than the release was trained with?)")
+        released.assign(model, plan)
         return model
 
     def official_keys(self):
@@ -628,18 +693,21 @@ class MMI(nn.Module):
         return model.to(map_location)
 
     def param_groups(self, weight_decay=0.05, lr=None, lr_unet=None, lr_offsets=None):
-        """AdamW groups (official): lr for new modules, lr_unet for the U-Net, lr_offsets for every
-        sampling_offsets layer; no weight decay on biases, norms, gates (all 1-D) and sampling offsets."""
+        """AdamW groups (official rules): lr_offsets for every sampling_offsets layer, lr_unet for the U-Net, lr for
+        the rest; no weight decay on biases, nn.LayerNorm parameters, MMFS gates and sampling offsets. Decayed, as
+        officially: RMSNorm and GroupNorm weights, the SPM's channels-first LayerNorms (another class there), the
+        adapter's gammas, the BoI vector, embeddings and queries."""
         lr, lr_unet = lr or self.cfg.lr, lr_unet or self.cfg.lr_unet
         lr_offsets = lr_offsets or self.cfg.lr_offsets
         unet_ids = {id(p) for p in self.unet.parameters()}
+        layer_norm = {id(p) for m in self.modules() if type(m) is nn.LayerNorm for p in m.parameters(recurse=False)}
         groups = {}
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
             offsets = "sampling_offsets" in name
             group_lr = lr_offsets if offsets else lr_unet if id(p) in unet_ids else lr
-            decay = p.ndim >= 2 and not offsets
+            decay = not (offsets or name.endswith((".gate", "bias")) or id(p) in layer_norm)
             groups.setdefault((group_lr, decay), []).append(p)
         return [dict(params=ps, lr=glr, weight_decay=weight_decay if decay else 0.0)
                 for (glr, decay), ps in groups.items()]
@@ -650,20 +718,24 @@ class MMI(nn.Module):
             module.gradient_checkpointing = on
 
     def param_counts(self):
-        """{component: (total, trainable)} parameter counts."""
-        llm_mmfs = [p for n, p in self.llm.named_parameters() if ".inserted." in n]
+        """{component: (total, trainable)} parameter counts, split as the authors' modules are. The ViT's
+        post-LayerNorm (in the CLIP file, never used; the authors' model has none) is not counted."""
+        named = dict(self.named_parameters())
+
+        def part(*prefixes):
+            return [p for n, p in named.items() if n.startswith(prefixes)]
         parts_p = dict(
-            vit=list(self.adapter.vit.parameters()),
-            adapter=[p for n, p in self.adapter.named_parameters() if not n.startswith("vit.")],
-            resampler=[*self.vis_proj.parameters(), *self.vis_ln1.parameters(), *self.vis_ln2.parameters(),
-                       *self.resampler.parameters()],
-            llm=[p for n, p in self.llm.named_parameters() if ".inserted." not in n],
-            llm_mmfs=llm_mmfs,
-            new_tokens=[self.boi, *self.new_head.parameters()],
-            decoder_context=[*self.ctx_proj.parameters(), *self.dec_resampler.parameters(), self.null_cond],
-            unet=list(self.unet.parameters()),
-            unet_mmfs=[*self.dec_norm_v.parameters(), *self.dec_norm_q.parameters(), *self.dec_mmfs.parameters(),
-                       *self.dec_zero.parameters()],
-            vae=list(self.vae.parameters()) if self.vae is not None else [])
+            vit=[p for n, p in named.items() if n.startswith("adapter.vit.") and ".post_layernorm." not in n],
+            adapter=[p for n, p in named.items() if n.startswith("adapter.") and not n.startswith("adapter.vit.")],
+            resampler=part("vis_", "resampler."),
+            llm=[p for n, p in named.items() if n.startswith(("llm.embed.", "llm.layers.", "llm.norm."))
+                 and ".inserted." not in n],
+            llm_mmfs=[p for n, p in named.items() if ".inserted." in n],
+            text_head=part("llm.lm_head.", "head_bias", "new_head."),
+            boi=part("boi"),
+            decoder_context=part("ctx_proj.", "dec_resampler.", "null_cond"),
+            unet=part("unet."),
+            unet_mmfs=part("dec_norm_", "dec_mmfs.", "dec_zero."),
+            vae=part("vae."))
         return {k: (sum(p.numel() for p in ps), sum(p.numel() for p in ps if p.requires_grad))
                 for k, ps in parts_p.items()}

@@ -18,7 +18,7 @@ from mmi import MMI, GatedMMFS, MMIConfig
 MICRO = {
     "vision": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=4,
                    image_size=16, layer_norm_eps=1e-5, num_channels=3, hidden_act="quick_gelu"),
-    "adapter": dict(n_blocks=1, n_heads=2, n_points=2, n_extra_extractors=0, spm_channels=8),
+    "adapter": dict(n_blocks=1, n_points=2, n_extra_extractors=0, spm_channels=8),
     "tokenizer": "byte",
     "llm": dict(vocab_size=259, dim=64, n_layers=2, n_heads=2, hidden_dim=128, norm_eps=1e-5, max_seq_len=256),
     "unet": dict(in_channels=3, out_channels=3, block_out_channels=[16, 32], layers_per_block=1,
@@ -26,8 +26,9 @@ MICRO = {
                  up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], attention_head_dim=[2, 2],
                  cross_attention_dim=32, norm_num_groups=8, sample_size=16),
     "mmfs_gate_init": 0.0,  # official-style zero gates (the tiny preset opens them; see mmi.PRESETS)
-    "n_image_tokens": 4, "res_dim": 32, "res_layers": 2, "res_heads": 2, "mmfs_every": 1, "mmfs_heads": 2,
-    "mmfs_head_dim": 16, "mmfs_points": 2, "max_images": 4, "dec_queries": 4, "dec_dim": 32, "dec_heads": 2,
+    "n_image_tokens": 4, "res_dim": 32, "res_layers": 2, "res_heads": 2, "res_ffn": 64, "mmfs_every": 1,
+    "mmfs_heads": 2, "mmfs_head_dim": 16, "mmfs_points": 2, "max_images": 4, "dec_queries": 4, "dec_dim": 32,
+    "dec_heads": 2, "dec_ffn": 64,
     "dec_mmfs_heads": 2, "dec_mmfs_head_dim": 16, "dec_mmfs_points": 2, "image_size": 16,
 }
 
@@ -89,6 +90,10 @@ def test_layout_visibility_rules():
     assert tgt[0] == -100 and (tgt[1:1 + n] == -100).all()  # BoI right after <s>, <|image|> targets: ignored
     assert tgt[1 + n] == 97 and tgt[2 + n] == B and tgt[3 + 2 * n] == e and tgt[5 + 2 * n] == 120
     assert tgt[4 + 2 * n] == -100  # <s> ignored
+    # image-text pairs (official LAION rule): no text loss before the document's first BoI; the BoI itself counts
+    pair = [s, 97, 98, B] + [I] * n + [99, e, s, B] + [I] * n + [100, e]
+    tgt = model.text_targets(torch.tensor([pair]), pairs=True)[0].tolist()
+    assert tgt[:3] == [-100, -100, B] and tgt[3 + n:5 + n] == [99, e] and tgt[-2:] == [100, e]
 
 
 def test_zero_gates_leave_llama_and_unet_unchanged():
@@ -313,7 +318,12 @@ def test_param_groups_and_freezing():
     model = micro()
     groups = model.param_groups(0.05, lr=1e-4, lr_unet=1e-5, lr_offsets=1e-5)
     by_param = {id(p): g for g in groups for p in g["params"]}
+    assert "head_bias" not in {n for n, p in model.named_parameters() if id(p) in by_param}  # frozen, as official
+    layer_norms = {n + "." + k for n, m in model.named_modules() if type(m) is torch.nn.LayerNorm
+                   for k, _ in m.named_parameters()}
     for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
         g = by_param[id(p)]
         if "sampling_offsets" in name:
             assert g["lr"] == 1e-5 and g["weight_decay"] == 0.0
@@ -321,8 +331,13 @@ def test_param_groups_and_freezing():
             assert g["lr"] == 1e-5
         else:
             assert g["lr"] == 1e-4
-        if p.ndim < 2 or name.endswith(".gate"):
-            assert g["weight_decay"] == 0.0
+        # official: no decay on biases, nn.LayerNorm, gates, offsets; RMSNorm / GroupNorm / the SPM's own LayerNorm
+        # class, gammas, the BoI vector and embeddings are decayed
+        no_decay = name.endswith(("bias", ".gate")) or name in layer_norms or "sampling_offsets" in name
+        assert g["weight_decay"] == (0.0 if no_decay else 0.05), name
+    decayed = {n for n, p in model.named_parameters() if p.requires_grad and by_param[id(p)]["weight_decay"]}
+    assert {"boi", "llm.layers.0.norm1.weight", "adapter.interactions.0.injector.gamma", "adapter.spm.stem.0.1.weight",
+            "unet.conv_norm_out.weight", "llm.layers.0.inserted.norm_q.weight"} <= decayed
     frozen = micro(freeze_vit=True, freeze_llm=True)
     trainable = {n for n, p in frozen.named_parameters() if p.requires_grad}
     assert not any(n.startswith("adapter.vit.") for n in trainable)
@@ -343,16 +358,71 @@ def test_grad_checkpointing_same_gradients():
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
 
 
+def official_param_counts(taps):
+    """The authors' MMInterleaved (release configuration) per component, counted here from their module definitions
+    (transformers' CLIP / LLaMA / BLIP-2 Q-Former, their ViT-Adapter, MMFS and MMFSNet), not from mmi's modules:
+    {component: (parameters, of which mmi has no counterpart: constant tables, never-read rows)}."""
+    lin = lambda i, o: i * o + o  # noqa: E731
+    ln = lambda d: 2 * d  # noqa: E731
+    Dv, Fv, Lv, g = 1024, 4096, 24, 16                       # CLIP ViT-L/14 at 224 px
+    D, V, F, L = 5120, 32000, 13824, 40                      # Vicuna-13B
+    C, M, P = 1024, 16, 8                                    # U-Net context width; MMFS heads and points
+    vit = Dv + 3 * 14 * 14 * Dv + (g * g + 1) * Dv + ln(Dv) + Lv * (4 * lin(Dv, Dv) + 2 * ln(Dv) + lin(Dv, Fv)
+                                                                   + lin(Fv, Dv))
+
+    def msda(levels, points=4, heads=16):  # MSDeformAttn(d_model=Dv, ratio 0.5)
+        return lin(Dv, heads * levels * points * 2) + lin(Dv, heads * levels * points) + lin(Dv, Dv // 2) + \
+            lin(Dv // 2, Dv)
+    h, c = Dv // 4, 64
+    extractor = 2 * ln(Dv) + msda(1) + ln(Dv) + lin(Dv, h) + 9 * h + h + lin(h, Dv)
+    injector = 2 * ln(Dv) + msda(3) + Dv
+    spm = 27 * c + 2 * 9 * c * c + 3 * ln(c) + 9 * c * 2 * c + ln(2 * c) + 9 * 2 * c * 4 * c + 9 * 16 * c * c + \
+        2 * ln(4 * c) + lin(c, Dv) + lin(2 * c, Dv) + 2 * lin(4 * c, Dv)
+    adapter = 3 * Dv + spm + 4 * (injector + extractor) + 2 * extractor + 4 * Dv * Dv + Dv
+
+    def qformer(hid, layers, heads, ffn, enc, cross_every, qk, queries):
+        n = queries * hid + ln(hid)
+        for i in range(layers):
+            norms = 2 * ln(hid // heads) if qk else 0
+            n += 4 * lin(hid, hid) + norms + ln(hid) + lin(hid, ffn) + lin(ffn, hid) + ln(hid)
+            if i % cross_every == 0:
+                n += 2 * lin(hid, hid) + 2 * lin(enc, hid) + norms + ln(hid)
+        return n
+    table = (g * g + 1) * Dv                                 # visual_tokenizer.pos_embed
+    resampler = lin(Dv, Dv) + 2 * ln(Dv) + qformer(768, 12, 12, 3072, Dv, 2, True, 64) + lin(768, D) + table
+    mmfs_llm = 1 + D + Dv + lin(D, M * P * 2) + Dv + lin(D, D) + lin(D, M * 3 * (P + 1)) + lin(Dv, Dv) + \
+        lin(Dv, D) + 50 * D
+    n_mmfs = len(range(0, L, 4))
+
+    def tap(ch):  # MMFSBlock: norms, MMFS (1024 wide, 4 levels, 10 image rows), 64x64 table, 1x1 conv
+        return ln(ch) + ln(Dv) + lin(ch, M * P * 2) + 1024 + lin(ch, ch) + lin(ch, M * 4 * (P + 1)) + \
+            lin(Dv, 1024) + lin(1024, ch) + 10 * ch + 64 * 64 * ch + lin(ch, ch)
+
+    def tap_extra(ch):  # its ignore_token, table, image-index rows 2.. and null-slot logit rows
+        return 1024 + 64 * 64 * ch + 8 * ch + M * 4 * (ch + 1)
+    return dict(vit=(vit, 0), adapter=(adapter, 0), resampler=(resampler, table),
+                llm=((V + 2) * D + L * (4 * D * D + 3 * D * F + 2 * D) + D, 2 * D),   # BoI, <|image|> rows
+                llm_mmfs=(n_mmfs * mmfs_llm, n_mmfs * (Dv + M * 3 * (D + 1))),
+                text_head=((V + 2) * D + (V + 2) + lin(D, 2), 2 * D),                  # 2 zero rows: folded
+                boi=(D, 0), decoder_context=(lin(D, D) + qformer(C, 1, 16, 3072, D, 1, False, 77) + 77 * C, 0),
+                unet=(865_910_724, 0),                                                 # SD 2.1 (diffusers)
+                unet_mmfs=(sum(tap(ch) for ch, _ in taps), sum(tap_extra(ch) for ch, _ in taps)),
+                vae=(83_653_863, 0))
+
+
 def test_official_preset_on_meta_device():
     with torch.device("meta"):
         model = MMI(MMIConfig.from_name("official"))
     assert all(p.is_meta for p in model.parameters())
     counts = model.param_counts()
-    assert 300e6 < counts["vit"][0] < 310e6 and counts["vit"][1] == 0       # CLIP ViT-L/14 ~303 M, frozen
-    assert 12.8e9 < counts["llm"][0] < 13.1e9 and counts["llm"][1] == 0     # Vicuna-13B, frozen
-    assert 860e6 < counts["unet"][0] < 870e6 and counts["unet"][1] == counts["unet"][0]  # SD 2.1 U-Net, trained
-    assert 80e6 < counts["vae"][0] < 90e6 and counts["vae"][1] == 0
-    assert all(t == total for k, (total, t) in counts.items() if k not in ("vit", "llm", "vae"))
+    official = official_param_counts(model.unet.taps)
+    assert counts.keys() == official.keys()
+    for k, (total, trainable) in counts.items():
+        assert total == official[k][0] - official[k][1], (k, total, official[k])  # exactly, component by component
+        # frozen as in the paper: ViT, LLaMA, VAE, and the LM head but its trainable two-row part
+        assert trainable == (0 if k in ("vit", "llm", "vae") else 2 * 5120 + 2 if k == "text_head" else total), k
+    named = sum(p.numel() for n, p in model.named_parameters() if ".post_layernorm." not in n)
+    assert sum(t for t, _ in counts.values()) == named  # every parameter in exactly one component
 
 
 @pytest.fixture(scope="module")

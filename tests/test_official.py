@@ -10,8 +10,11 @@ import json
 import os
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 import released
 import vit
@@ -90,3 +93,146 @@ def test_position_tables_are_ours(ckpt, adapter):
     assert table.shape == (1 + g * g, adapter.vit.cfg.hidden_size)
     assert table[0].abs().max() == 0
     torch.testing.assert_close(table[1:], vit.sincos_2d(g, g, table.shape[1]), atol=1e-6, rtol=0)
+
+
+# -----------------------------------------------------------------------------
+# The whole model from the released checkpoint
+
+
+@pytest.fixture(scope="module")
+def model(meta):
+    from mmi import MMI
+    mc = meta["model_config"]
+    paths = [FIXTURE / mc["visual_tokenizer_config"]["encoder_model_path"], FIXTURE / mc["llm_model_path"],
+             FIXTURE / mc["image_decoder_config"]["pretrained_model_name_or_path"]]
+    m = MMI.from_released(FIXTURE / "mm_interleaved_pretrain", *paths, config=mc, dtype=torch.float32).eval()
+    # The fixture's LLM folder has no tokenizer.model: the model itself only needs the special ids
+    ids = meta["token_ids"]
+    m.tok = SimpleNamespace(bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"], boi_id=ids["boi"],
+                            image_id=ids["image"])
+    return m
+
+
+@pytest.fixture(scope="module")
+def run(model, fx):
+    """Every intermediate of one pass over the fixture's batch, taken where the official ones were."""
+    tokens, images = fx["input.text_ids"], fx["input.image_tensors"]
+    seen = {}
+
+    def keep(name, first_arg=True):  # a forward pre-hook that records its module's input (the first call's)
+        def hook(module, args):
+            seen.setdefault(name, args[0] if first_arg else args)  # returns None: the input stays as it is
+        return hook
+    hooks = [model.resampler.out.register_forward_pre_hook(keep("resampler_out")),
+             model.dec_resampler.register_forward_pre_hook(keep("context", False)),
+             *(b.register_forward_pre_hook(keep(f"layer{i}")) for i, b in enumerate(model.llm.layers))]
+    with torch.no_grad():
+        emb, maps = model.encode_images(images)
+        h, lay, dec = model.hidden_states(tokens, images)
+        N = len(lay.rows)
+        cond = model.condition(h, lay.rows, lay.start, lay.pos)  # every image, as the official code does
+        dec_images = fx["input.image_tensors_dec"]
+        mean, logvar = model.vae.encode(dec_images * 2 - 1)
+        x0 = model.to_latent(dec_images, fx["input.vae_eps"])
+        t, noise = fx["input.timesteps"], fx["input.noise"]
+        x_t = model.schedule.add_noise(x0, noise, t)
+        values, visible = model.decoder_values(*dec, lay.prev)
+        pred = model.denoise(x_t, t, cond, values, visible)
+        batch = dict(tokens=tokens, images=images, images_dec=dec_images)
+        draws = dict(noise=noise, timesteps=t, vae_eps=fx["input.vae_eps"], uncond_rand=fx["input.uncond_rand"])
+        out = model(batch, draws)
+        r = dict(
+            vit_last_hidden_state=model.adapter(images, positions=False)[0], visual_tokens=emb,
+            resampler_out=seen["resampler_out"], mm_embeds=model.embed(tokens, emb),
+            cross_attention_mask=lay.visible.float(),
+            llm_hidden_states=torch.stack([*(seen[f"layer{i}"] for i in range(len(model.llm.layers))), h]),
+            text_logits=model.logits(h), gt_text_ids=model.text_targets(tokens),
+            gt_text_ids_laion=model.text_targets(tokens, pairs=True),
+            context_features=seen["context"][0], context_attention_mask=seen["context"][1].long(),
+            dec_mmfs_mask=(lay.prev >= 0).long()[:, None], decoder_condition=cond,
+            neg_prompt_embeds=model.null_cond[None],
+            vae_posterior_mean=mean, vae_posterior_logvar=logvar, latents=x0, noisy_latents=x_t,
+            diffusion_target=model.schedule.target(x0, noise, t), unet_pred=pred,
+            unet_pred_null_condition=model.denoise(x_t, t, model.null_cond.expand(N, -1, -1), values, visible),
+            unet_pred_no_mmfs_module=model.unet(x_t, t, cond), image_has_loss=lay.has_context.long(),
+            loss=out["loss"], forward_loss_txt=out["text_loss"], forward_loss_img=out["image_loss"])
+        r["sd_loss_map"] = (pred - r["diffusion_target"]).square()
+        for key, targets in [("loss_txt", r["gt_text_ids"]), ("loss_txt_laion", r["gt_text_ids_laion"])]:
+            r[key] = F.cross_entropy(r["text_logits"][:, :-1].flatten(0, 1), targets.flatten())
+        r["loss_img"] = (r["sd_loss_map"] * r["image_has_loss"][:, None, None, None]).mean()
+    for hook in hooks:
+        hook.remove()
+    return r
+
+
+# Tensors compared on the real tokens / context positions only: mmi's LLM does not mask padded keys (rows are
+# right-padded, so real tokens never see them; padded positions carry no loss), and a context shorter than the
+# longest is padded with other values before the resampler masks it.
+MASKED = {"llm_hidden_states": "tokens", "text_logits": "tokens", "context_features": "context"}
+EXACT = ("cross_attention_mask", "gt_text_ids", "gt_text_ids_laion", "context_attention_mask", "dec_mmfs_mask",
+         "image_has_loss")
+
+
+def expected_keys(fx):
+    return sorted(k.removeprefix("expected.") for k in fx if k.startswith("expected."))
+
+
+def test_every_expected_tensor(fx, run):
+    keys = [k for k in expected_keys(fx) if not k.startswith("adapter_map_")]  # those: test_adapter_maps
+    missing = [k for k in keys if k not in run]
+    assert not missing, f"not computed: {missing}"
+    real = {"tokens": fx["input.attention_mask"].bool(), "context": fx["expected.context_attention_mask"].bool()}
+    for k in keys:
+        ours, ref = run[k], fx["expected." + k]
+        if k in EXACT:  # masks and target ids: integer logic
+            assert ours.shape == ref.shape and torch.equal(ours.to(ref.dtype), ref), k
+            COMPARED["expected." + k] = 0.0
+            continue
+        ours = ours.reshape(ref.shape) if ours.numel() == ref.numel() else ours  # scalars: [] vs [1]
+        if k in MASKED:
+            keep = real[MASKED[k]][..., None]  # (B, T, 1) or (N, L, 1)
+            ours, ref = ours * keep, ref * keep
+        compare({"expected." + k: ref}, "expected." + k, ours)
+
+
+def test_losses_match_the_scalars(meta, run):
+    for k, v in meta["scalars"].items():
+        assert abs(run[k].item() - v) <= TOL * abs(v), (k, run[k].item(), v)
+
+
+def test_save_of_the_released_model_loads_back(model, fx, tmp_path):
+    from mmi import MMI
+    model.save(tmp_path / "m")
+    loaded = MMI.load(tmp_path / "m").eval()
+    loaded.tok = model.tok
+    ours, theirs = model.state_dict(), loaded.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k].to(ours[k].dtype)) for k in ours)
+
+
+@pytest.mark.parametrize("case", ["unknown", "missing", "shape", "constant", "component"])
+def test_converter_is_strict(meta, ckpt, tmp_path, case):
+    from mmi import MMI
+    from weights import CheckpointError
+    sd = {k: ckpt[k] for k in ckpt}
+    key = "mm_decoder.layers.0.llama_cross_attn.attn.value_proj.weight"
+    if case == "unknown":
+        sd["visual_tokenizer.extra.weight"] = torch.zeros(2)
+        key = "visual_tokenizer.extra.weight"
+    elif case == "missing":
+        del sd[key]
+        key = "llm.layers.0.inserted.mmfs.value_proj.weight"  # named as ours: what the model lacks
+    elif case == "shape":
+        sd[key] = sd[key][:, :-1]
+    elif case == "constant":
+        key = "visual_tokenizer.pos_embed"
+        sd[key] = sd[key].flip(0)
+    else:  # a frozen tensor unlike the component folder's (the checkpoint of another LLaMA)
+        sd["mm_decoder.layers.1.mlp.up_proj.weight"] = sd["mm_decoder.layers.1.mlp.up_proj.weight"] + 1
+        key = "llm.layers.1.mlp.up_proj.weight"
+    (tmp_path / "ckpt").mkdir()
+    torch.save(sd, tmp_path / "ckpt" / "pytorch_model.bin")
+    mc = meta["model_config"]
+    paths = [FIXTURE / mc["visual_tokenizer_config"]["encoder_model_path"], FIXTURE / mc["llm_model_path"],
+             FIXTURE / mc["image_decoder_config"]["pretrained_model_name_or_path"]]
+    with pytest.raises(CheckpointError, match=key.replace(".", r"\.")):
+        MMI.from_released(tmp_path / "ckpt", *paths, config=mc)

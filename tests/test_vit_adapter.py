@@ -183,7 +183,9 @@ def official_sincos(dim, size):
     """The authors' table, written out here in numpy float32: rows in the first half of the channels."""
     omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float32) / np.float32(dim / 4))
     rows, cols = np.meshgrid(np.arange(size, dtype=np.float32), np.arange(size, dtype=np.float32), indexing="ij")
-    enc = lambda pos: np.concatenate([np.sin(pos.reshape(-1, 1) * omega), np.cos(pos.reshape(-1, 1) * omega)], 1)  # noqa: E731
+    def enc(pos):
+        angle = pos.reshape(-1, 1) * omega
+        return np.concatenate([np.sin(angle), np.cos(angle)], 1)
     return torch.from_numpy(np.concatenate([enc(rows), enc(cols)], 1))
 
 
