@@ -8,6 +8,8 @@ Generate interleaved text and images with MM-Interleaved; writes the images (PNG
     python sample.py --ckpt=random --steps=2           # a random tiny model (smoke test)
     python sample.py --clip_path=CLIP --llm_path=VICUNA --sd_path=SD21 [--ckpt=DIR_FROM_TRAIN] --device=cuda \\
         --dtype=float16 --prompt_file=my_prompt.txt    # official components (paper configuration)
+    python sample.py --released=MM_INTERLEAVED_PRETRAIN --clip_path=CLIP --llm_path=VICUNA --sd_path=SD21 \\
+        --device=cuda --dtype=float16 --prompt_file=my_prompt.txt   # the authors' released checkpoint
 
 Prompt syntax: text with images as <img:path> (paths relative to the prompt file, or to the current folder for
 --prompt). The model continues after the end of the prompt; a final bare <img> makes it start with an image.
@@ -18,6 +20,7 @@ stop the model rightly goes on to ask itself the next question.
 """
 import argparse
 import html
+import json
 import re
 import sys
 import time
@@ -39,6 +42,10 @@ p.add_argument("--preset", default="tiny", help="model preset for --ckpt=random 
 p.add_argument("--clip_path", default="", help="official CLIP folder (with --llm_path and --sd_path)")
 p.add_argument("--llm_path", default="")
 p.add_argument("--sd_path", default="")
+p.add_argument("--released", default="", help="the authors' released checkpoint (folder of .bin files; with "
+               "--clip_path, --llm_path and --sd_path)")
+p.add_argument("--released_config", default="", help="JSON of the authors' model settings when they differ from "
+               "the release (their model_config, alone or under a 'model_config' key)")
 p.add_argument("--prompt", default=None, help='e.g. "<img:cat.png> a story: once"; default: --prompt_file')
 p.add_argument("--prompt_file", default=str(ROOT / "assets" / "demo.txt"))
 p.add_argument("--out_dir", default="samples")
@@ -139,12 +146,17 @@ dtype = getattr(torch, args.dtype)
 components = (args.clip_path, args.llm_path, args.sd_path)
 if any(components) and not all(components):
     fail("official components need all of --clip_path, --llm_path and --sd_path")
+if args.released and (args.ckpt or not all(components)):
+    fail("--released needs --clip_path, --llm_path and --sd_path, and no --ckpt")
 if not args.ckpt:
-    args.ckpt = "random" if all(components) else str(ROOT / "assets" / "tiny")
+    args.ckpt = args.released or ("random" if all(components) else str(ROOT / "assets" / "tiny"))
 torch.manual_seed(args.seed)
 t0 = time.time()
 try:
-    if args.ckpt == "random" and any(components):
+    if args.released:
+        config = json.loads(Path(args.released_config).read_text()) if args.released_config else {}
+        model = MMI.from_released(args.released, *components, config=config.get("model_config", config), dtype=dtype)
+    elif args.ckpt == "random" and any(components):
         model = MMI.from_components(*components, preset=args.preset, dtype=dtype)
     elif args.ckpt == "random":
         model = MMI(MMIConfig.from_name(args.preset))
@@ -155,10 +167,10 @@ try:
                  f"or pass --ckpt=random)")
         comp = dict(zip(("clip", "llm", "sd"), components)) if all(components) else None
         model = MMI.load(ck, components=comp)
+    tok = model.tok  # (a missing tokenizer.model: one line too)
 except (CheckpointError, FileNotFoundError, ValueError) as e:
     fail(str(e).splitlines()[0])
 model = model.to(args.device, dtype).eval()
-tok = model.tok
 print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters from {args.ckpt} "
       f"({time.time() - t0:.1f} s)")
 
