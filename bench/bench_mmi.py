@@ -10,6 +10,7 @@ Benchmarks of the assembled model (mmi.py) on the CPU:
     python bench/bench_mmi.py --threads=2 --only=mmfs
 """
 import argparse
+import json
 import os
 import sys
 import time
@@ -86,7 +87,7 @@ def bench_step(args):
     print(f"training step (fwd+bwd+AdamW): {total * 1000:.0f} ms  = "
           + ", ".join(f"{k} {v * 1000:.0f} ms ({v / total:.0%})" for k, v in parts.items())
           + f", rest {(total - sum(parts.values())) * 1000:.0f} ms")
-    return model, tok
+    return model, tok, total * 1000
 
 
 def bench_generate(args, model=None, tok=None):
@@ -99,13 +100,12 @@ def bench_generate(args, model=None, tok=None):
     n, calls = 64, []
     plain = model.llm.forward_hidden
     model.llm.forward_hidden = lambda *a, **k: calls.append(1) or plain(*a, **k)  # count LLM calls (bench only)
-    t = time.perf_counter()
-    generate(model, prompt, max_new_tokens=n, max_images=0, temperature=0, repetition_penalty=1.0)
-    dt = time.perf_counter() - t
+    dt = timeit(lambda: generate(model, prompt, max_new_tokens=n, max_images=0, temperature=0), args.n)
     del model.llm.forward_hidden
-    n_tok = len(calls)  # one prefill + one call per further token
+    n_tok = len(calls) // (args.n + 1)  # per run: one prefill + one call per further token
     print(f"text: {n_tok} tokens in {dt:.2f} s = {n_tok / dt:.0f} tokens/s (KV cache, greedy, after a prefill of "
-          f"{model.cfg.n_image_tokens + 9} tokens with one image)")
+          f"{model.cfg.n_image_tokens + 9} tokens with one image; mean of {args.n} runs after one warm-up)")
+    tokens_per_s = n_tok / dt
     for steps, guidance in [(25, 3.5), (50, 3.5)]:
         t = time.perf_counter()
         out = generate(model, ["a red circle in the centre."], max_new_tokens=1, max_images=1, begin_image=True,
@@ -114,6 +114,7 @@ def bench_generate(args, model=None, tok=None):
         assert isinstance(out[0], torch.Tensor)
         print(f"image: {dt:.2f} s per image ({steps} DDPM steps, guidance {guidance} = batch 2 per step), "
               f"{1 / dt:.2f} images/s")
+    return tokens_per_s
 
 
 def bench_mmfs(args):
@@ -125,12 +126,13 @@ def bench_mmfs(args):
                    "vision.hidden_size": 256, "vision.intermediate_size": 1024, "vision.num_attention_heads": 8,
                    "vision.image_size": 64, "adapter.n_heads": 8},
     }
+    overhead = {}
     for name, over in configs.items():
         torch.manual_seed(0)
         model = MMI(MMIConfig.from_name("tiny", **over)).eval()
         tok = model.tok
         seq = args.seq_len if name == "tiny" else 512
-        batch = tiny_batch(model, tok, 2, seq)
+        batch = tiny_batch(model, tok, args.batch_size if name == "tiny" else 2, seq)  # tiny: as in training
         tokens = batch["tokens"]
         lay = model.layout(tokens, batch["doc_ids"])
         with torch.no_grad():
@@ -151,6 +153,8 @@ def bench_mmfs(args):
               f"MMFS in {len(inserted)}, batch {tuple(tokens.shape)} with {batch['images'].shape[0]} images: "
               f"{without * 1000:.0f} -> {with_mmfs * 1000:.0f} ms ({with_mmfs / without - 1:+.0%} runtime), "
               f"{p_mmfs / p_llm:+.1%} parameters")
+        overhead[name] = with_mmfs / without - 1
+    return overhead
 
 
 def mmfs_flops(cfg: MMIConfig, T=2048, n_images=5):
@@ -179,12 +183,14 @@ if __name__ == "__main__":
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), load average {os.getloadavg()[0]:.1f}")
     model = tok = None
+    summary = {}
     if args.only in (None, "step"):
-        model, tok = bench_step(args)
+        model, tok, summary["step_ms"] = bench_step(args)
     if args.only in (None, "generate"):
-        bench_generate(args, model, tok)
+        summary["text_tokens_per_s"] = bench_generate(args, model, tok)
     if args.only in (None, "mmfs"):
-        bench_mmfs(args)
+        summary["mmfs_overhead_tiny"] = bench_mmfs(args)["tiny"]
         flops = mmfs_flops(MMIConfig.from_name("official"))
         print(f"MMFS FLOPs in the LLM, analytic (T=2048, 5 images): official {flops:+.1%} "
               "(paper: ~+2% FLOPs, +6% runtime with OpenLLaMA-3B and the CUDA op)")
+    print(json.dumps({k: round(v, 3) for k, v in summary.items()}))
