@@ -1,9 +1,10 @@
 """Time and peak memory of the MMFS deformable-attention op: our grouped grid_sample reference vs the usual
-per-(image, level) loop.
+per-(image, level) loop; and the cost of MMFS in the tiny model's LLM on rows packed as in training.
 
-    python bench/bench_mmfs.py                 # both cases, CPU, 1 thread
+    python bench/bench_mmfs.py                 # all cases, CPU, 1 thread
     python bench/bench_mmfs.py --case=llm --threads=2 --repeats=5
     python bench/bench_mmfs.py --device=cuda   # on a GPU: also the kernel of kernels/ (through mmfs.deform_attn)
+    python bench/bench_mmfs.py --case=packed --baseline=HEAD~3   # also mmfs.py of that git revision, same run
 
 Every (case, implementation, mode) runs in its own subprocess, so that its peak memory is its own: on the CPU, the
 peak resident set (ru_maxrss) minus the resident set with the inputs built; on a GPU, torch.cuda's peak allocation.
@@ -11,6 +12,9 @@ On a shared machine, process-CPU time (1 thread) is the steadier figure; wall ti
 Cases (batch 1, 16 heads x 64 channels, 8 points, fp32):
     llm   Q=2048 tokens, 4 images x levels 32/16/8 (official LLM use: 12 "levels" in the op)
     unet  Q=64*64 pixels of the first skip, 1 image x levels 64/32/16/8 (official U-Net use)
+    packed  the tiny model (mmi.py), LLM forward on --batch_size rows of --seq_len tokens of the synthetic world, as
+          in training: without MMFS, with MMFS (and with the MMFS module of --baseline), forward and forward+backward;
+          medians of process-CPU time over --repeats interleaved runs (a loaded machine slows all variants alike)
 """
 import argparse
 import json
@@ -20,11 +24,13 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 import mmfs  # noqa: E402
 
 CASES = {
@@ -115,18 +121,85 @@ def check_agreement(device):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def load_baseline(rev):
+    """mmfs.py as of git revision `rev`, as a module of its own: the "before" of a before/after in one run."""
+    src = subprocess.run(["git", "-C", ROOT, "show", f"{rev}:mmfs.py"], check=True, capture_output=True, text=True)
+    module = types.ModuleType(f"mmfs@{rev}")
+    exec(compile(src.stdout, f"{rev}:mmfs.py", "exec"), module.__dict__)
+    return module
+
+
+def bench_packed(args):
+    """MMFS in the tiny model's LLM on packed rows: forward (no grad) and forward+backward, without MMFS layers,
+    with them, and with the MMFS class of --baseline swapped in (same parameters, so the same numbers)."""
+    import data
+    from mmi import MMI, MMIConfig
+    torch.manual_seed(0)
+    model = MMI(MMIConfig.from_name("tiny")).eval()
+    ds = data.SyntheticDataset(model.tok, model.cfg.n_image_tokens, args.seq_len, image_size=model.cfg.image_size)
+    batch = ds.batch(0, args.batch_size)
+    tokens = batch["tokens"]
+    lay = model.layout(tokens, batch["doc_ids"])
+    with torch.no_grad():
+        emb, maps = model.encode_images(batch["images"])
+        values, shapes = model.flatten_maps(maps[1:])
+        ctx = model.visual_context(lay, values, shapes, tokens.shape[0])
+        x = model.embed(tokens, emb)
+    vis = ctx.visible
+    print(f"packed: tiny LLM, batch {tuple(tokens.shape)}, {len(batch['images'])} images, at most {vis.shape[-1]} "
+          f"per row; (token, image) pairs visible: {int(vis.sum())} of {vis.numel()} "
+          f"({vis.sum() / vis.numel():.0%}); tokens that see an image: {int(vis.any(-1).sum())} of {vis[..., 0].numel()}")
+    layers = {i: b.inserted for i, b in enumerate(model.llm.layers) if b.inserted is not None}
+    modules = [m for m in model.llm.modules() if isinstance(m, mmfs.MMFS)]
+    classes = {"mmfs": mmfs.MMFS}
+    if args.baseline:
+        classes[f"mmfs@{args.baseline}"] = load_baseline(args.baseline).MMFS
+
+    def run(variant, grad):
+        for i, layer in layers.items():
+            model.llm.layers[i].inserted = None if variant is None else layer
+        for m in modules:
+            m.__class__ = classes.get(variant, mmfs.MMFS)
+        with torch.set_grad_enabled(grad):
+            h = model.llm.forward_hidden(embeds=x.requires_grad_(grad), ctx=None if variant is None else ctx)
+            if grad:
+                h.square().mean().backward()
+        return h.detach()
+
+    outs = {v: run(v, False) for v in classes}
+    for v, out in outs.items():
+        print(f"  {v}: max |difference| of the LLM's output from mmfs: {(out - outs['mmfs']).abs().max():.2e}")
+    for grad in (False, True):
+        times = {v: [] for v in [None, *classes]}
+        for _ in range(args.repeats or 21):  # interleaved, so that load from other processes hits every variant
+            for v in times:
+                c0 = time.process_time()
+                run(v, grad)
+                times[v].append(time.process_time() - c0)
+        ms = {v: 1e3 * statistics.median(t) for v, t in times.items()}
+        print(f"  LLM {'fwd+bwd' if grad else 'fwd':7} without MMFS {ms[None]:6.1f} ms; "
+              + "; ".join(f"with {v} {ms[v]:6.1f} ms ({ms[v] / ms[None] - 1:+.0%})" for v in classes), flush=True)
+    run("mmfs", False)  # leave the model as built
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--case", choices=[*CASES, "all"], default="all")
+    ap.add_argument("--case", choices=[*CASES, "packed", "all"], default="all")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, help="timed runs (default: 3 per op case, 21 for packed)")
     ap.add_argument("--worker", nargs=3, metavar=("CASE", "IMPL", "MODE"))
+    ap.add_argument("--batch_size", type=int, default=2, help="packed: rows (bench_mmi.py's MMFS overhead: 2)")
+    ap.add_argument("--seq_len", type=int, default=128, help="packed: tokens per row (training: 128)")
+    ap.add_argument("--baseline", help="packed: also time mmfs.py of this git revision (before/after in one run)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.worker:
         print(json.dumps(worker(*a.worker, a.device, a.repeats)))
         return
+    if a.case == "packed":
+        return bench_packed(a)
+    a.repeats = a.repeats or 3
     check_agreement(a.device)
     impls = ["grouped", "naive"] + (["dispatch"] if a.device == "cuda" else [])
     print(f"device={a.device} threads={a.threads} repeats={a.repeats} (medians of wall and process-CPU ms; "
@@ -139,6 +212,8 @@ def main():
                        "--threads", str(a.threads), "--repeats", str(a.repeats)]
                 r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
                 print(f"{case:6} {impl:9} {mode:8} {r['ms']:9.0f} {r['cpu_ms']:9.0f} {r['peak_mb']:9.0f}", flush=True)
+    if a.case == "all" and a.device == "cpu":
+        bench_packed(a)
 
 
 if __name__ == "__main__":

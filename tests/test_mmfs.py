@@ -1,13 +1,17 @@
 """MMFS and its deformable-attention op: the op against the formula of kernel.md, gradients, and the module's semantics
-(visibility, joint softmax, image recency, null key, batch independence, adapter mode, pre-projected values)."""
+(visibility, joint softmax, image recency, null key, batch independence, adapter mode, pre-projected values); on
+packed rows, the gathered path (each token samples only the images it sees) against the masked computation it
+replaced, forward and gradients, through the torch op and through the kernel's CPU build."""
 import itertools
 import math
+import shutil
 import sys
 import types
 import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import mmfs
 from mmfs import MMFS, deform_attn, deform_attn_reference, image_recency, level_starts, pixel_centres
@@ -124,7 +128,7 @@ def test_deform_attn_falls_back_with_one_warning_when_the_kernel_is_unavailable(
 
     calls = []
 
-    def cuda_deform_attn(*args):
+    def cuda_deform_attn(*args, reference):
         calls.append(1)
         raise KernelUnavailable("no nvrtc here")
 
@@ -431,3 +435,136 @@ def test_max_images_bounds_what_a_token_sees_not_the_row():
     visible[0, 3] = True        # a token that sees all four
     with pytest.raises(ValueError, match="sees 4 images but max_images=2"):
         m(q, ref, v, SHAPES, visible)
+
+
+# -----------------------------------------------------------------------------
+# Packed rows: each token samples only the images it sees
+
+
+def masked_mmfs(m, query, reference_points, value, spatial_shapes, visible):
+    """MMFS as it was computed before it gathered the visible images: every token samples every image of its row
+    (images folded into the op's levels) and the images it does not see get -inf logits. The reference here."""
+    B, Q, _ = query.shape
+    N, S_ = value.shape[1:3]
+    M, L, P = m.n_heads, m.n_levels, m.n_points
+    visible = visible.expand(B, Q, N)
+    if m.max_images is None:
+        offsets, logits = m.sampling_offsets(query)[:, :, None], m.attention_weights(query)[:, :, None]
+    else:
+        relpos, q, E = image_recency(visible), m.query_proj(query), m.image_embed.weight
+        offsets = m.sampling_offsets(q)[:, :, None] + F.embedding(relpos, E @ m.sampling_offsets.weight.T)
+        logits = m.attention_weights(q)[:, :, None] + F.embedding(relpos, E @ m.attention_weights.weight.T)
+    offsets = offsets.unflatten(-1, (M, 1 if m.shared_offsets else L, P, 2))
+    if m.shared_offsets:
+        h, w = m.base_grid or spatial_shapes[0].tolist()
+        cells = offsets.new_tensor([w, h])
+    else:
+        cells = spatial_shapes.flip(-1).to(offsets.dtype)[:, None, :]
+    loc = reference_points.expand(B, Q, 2)[:, :, None, None, None, None, :] + offsets / cells
+    loc = loc.expand(B, Q, N, M, L, P, 2).transpose(2, 3).reshape(B, Q, M, N * L, P, 2)
+    logits = logits.unflatten(-1, (M, L * P)).expand(B, Q, N, M, L * P)
+    logits = logits.masked_fill(~visible[..., None, None], float("-inf")).transpose(2, 3).reshape(B, Q, M, -1)
+    if m.null_slot:
+        logits = torch.cat([logits, logits.new_zeros(B, Q, M, 1)], -1)
+    weights = logits.softmax(-1)[..., :N * L * P].view(B, Q, M, N * L, P)
+    shapes = spatial_shapes.repeat(N, 1)
+    v = m.project_values(value).reshape(B, N * S_, M, m.head_dim)
+    return m.output_proj(deform_attn_reference(v, shapes, level_starts(shapes), loc, weights))
+
+
+def packed_visibility(docs, images, T=12):
+    """visible [B, T, N] of packed rows, by MMI.layout's rule: a token sees an image of its own document whose BoI is
+    before it. docs: per row, the first position of each document; images: per row, (document, BoI position)."""
+    N = max(len(r) for r in images)
+    doc = torch.tensor([[sum(t >= s for s in starts) - 1 for t in range(T)] for starts in docs])    # (B, T)
+    img_doc = torch.tensor([[d for d, _ in r] + [-1] * (N - len(r)) for r in images])             # (B, N)
+    img_pos = torch.tensor([[p for _, p in r] + [T] * (N - len(r)) for r in images])
+    return (doc[:, :, None] == img_doc[:, None]) & (torch.arange(T)[None, :, None] > img_pos[:, None])
+
+
+# row 0: two documents with images (tokens 0-1 and 7-8 see none); row 1: a document without images, then one with
+# one image (slots 1-2 are padding, seen by nobody); row 2: one document, 3 images (its last tokens see all three)
+PACKED = packed_visibility(docs=[[0, 7], [0, 4], [0]], images=[[(0, 1), (0, 4), (1, 8)], [(1, 5)],
+                                                                [(0, 0), (0, 3), (0, 6)]])
+CONFIGS = {"llm": {}, "far offsets": dict(offset_init=6.0), "offsets per level": dict(shared_offsets=False),
+           "no image index": dict(max_images=None)}
+
+
+def packed_inputs(dtype=torch.float64, seed=0):
+    q, ref, v = inputs(B=3, Q=12, N=3, seed=seed)
+    return [t.to(dtype).requires_grad_(t is not ref) for t in (q, ref, v)]
+
+
+def test_packed_rows_cover_the_cases():
+    seen = PACKED.sum(-1)
+    assert (seen == 0).any() and (seen == 3).any() and not PACKED.all()            # no image, and all of a row
+    assert not PACKED[1, :, 1:].any()                                                # padding slots: seen by nobody
+    assert PACKED[0, 9:, 2].all() and not PACKED[0, 9:, :2].any()                    # the other document's image
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_gathered_visible_images_match_the_masked_computation(config):
+    m = tiny_mmfs(**CONFIGS[config])
+    q, ref, v = packed_inputs()
+    out, masked = m(q, ref, v, SHAPES, PACKED), masked_mmfs(m, q, ref, v, SHAPES, PACKED)
+    torch.testing.assert_close(out, masked, rtol=1e-10, atol=1e-12)
+    g = torch.randn_like(out)
+    params = [q, v, *m.parameters()]
+    for got, want in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(masked, params, g)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_gathered_path_in_fp32_stays_within_float_tolerance():
+    # Same maths; the atlas's longer y axis only rounds the sampling positions a little differently.
+    m = tiny_mmfs().float()
+    q, ref, v = packed_inputs(torch.float32)
+    torch.testing.assert_close(m(q, ref, v, SHAPES, PACKED), masked_mmfs(m, q, ref, v, SHAPES, PACKED),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_without_null_key_every_token_sees_an_image():
+    m = tiny_mmfs(null_slot=False, max_images=None, shared_offsets=False)
+    vis = PACKED[2:, 1:]                                                             # tokens 1-11 of row 2
+    q, ref, v = (t[2:, 1:] if t.shape[1] == 12 else t[2:] for t in packed_inputs())
+    torch.testing.assert_close(m(q, ref, v, SHAPES, vis), masked_mmfs(m, q, ref, v, SHAPES, vis),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_when_no_token_sees_an_image_every_token_reads_the_null_key():
+    m = tiny_mmfs()
+    q, ref, v = packed_inputs()
+    out = m(q, ref, v, SHAPES, torch.zeros_like(PACKED))
+    assert torch.equal(out, m.output_proj.bias.expand_as(out))
+    out.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
+def test_op_gets_one_query_per_visible_image(monkeypatch):
+    # The work of the op scales with the images tokens see: one query per (token, visible image), one atlas level.
+    calls = []
+
+    def spy(value, shapes, starts, loc, weights):
+        calls.append((loc.shape, shapes.shape))
+        return deform_attn_reference(value, shapes, starts, loc, weights)
+
+    monkeypatch.setattr(mmfs, "deform_attn", spy)
+    m = tiny_mmfs()
+    q, ref, v = packed_inputs()
+    m(q, ref, v, SHAPES, PACKED)
+    (loc_shape, shapes_shape), = calls
+    assert loc_shape == (1, int(PACKED.sum()), m.n_heads, 1, m.n_levels * m.n_points, 2) and shapes_shape == (1, 2)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ builds the kernel's CPU emulation")
+def test_kernel_route_matches_the_masked_computation(monkeypatch):
+    # The CUDA kernel's source, built for the CPU, fed by the gathered path (what a GPU run would do).
+    kernels = pytest.importorskip("kernels")
+    monkeypatch.setattr(mmfs, "deform_attn", kernels.cpu_emulated_deform_attn)
+    m = tiny_mmfs()
+    q, ref, v = packed_inputs()
+    out, masked = m(q, ref, v, SHAPES, PACKED), masked_mmfs(m, q, ref, v, SHAPES, PACKED)
+    torch.testing.assert_close(out, masked, rtol=1e-10, atol=1e-12)
+    g = torch.randn_like(out)
+    params = [q, v, *m.parameters()]
+    for got, want in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(masked, params, g)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
