@@ -5,10 +5,12 @@ A query token (an LLM hidden state, a U-Net pixel, a ViT token) reads fine image
 feature maps of the images before it. For every image it predicts a few sampling points around a reference point and
 one logit per point; the output is the softmax-weighted sum of the features sampled (bilinearly) at those points. The
 softmax runs jointly over all images and levels, together with a "null" key of zero value, so a token can spread its
-attention over several images, or read nothing at all.
+attention over several images, or read nothing at all. In rows packed with several documents a token samples only the
+images it sees (image_atlas): the work scales with those, not with the images of the row.
 
     deform_attn            the op, in Deformable-DETR layouts; the CUDA kernel of kernels/ on GPU tensors
     deform_attn_reference  the same op in pure torch (F.grid_sample); the definition the kernel is tested against
+    image_atlas            (token, image) pairs that each read one of many images -> one call of the op
     MMFS                   the module; its three uses in MM-Interleaved (official.md):
       LLM      MMFS(5120, 1024, n_heads=16, n_levels=3, n_points=8, head_dim=64, offset_init=3, max_images=50,
                     base_grid=16)   values: levels 32/16/8 of every image, reference point (0.5, 0.5)
@@ -56,7 +58,7 @@ def deform_attn_reference(value, spatial_shapes, level_start_index, sampling_loc
     out[b,q,m] = sum_{l,p} a[b,q,m,l,p] * bilinear(value[b, level l, head m], loc[b,q,m,l,p]), zero outside the map,
     which is exactly grid_sample(align_corners=False, padding_mode="zeros") at 2*loc - 1.
     Levels of equal (H, W) (the same level of different images) share one grid_sample call, and each call's samples
-    [B*M*k, D, P, Q] are reduced over points at once, so one group's samples are alive at a time (in training,
+    [B*M*k, D, Q, P] are reduced over points at once, so one group's samples are alive at a time (in training,
     autograd also keeps them for backward: that is the memory the CUDA kernel saves).
     """
     B, S, M, D = value.shape
@@ -82,20 +84,17 @@ def deform_attn_reference(value, spatial_shapes, level_start_index, sampling_loc
 
 def _sample_levels(value, starts, H, W, levels, grid, weights):
     """sum over `levels` (all of shape H x W) and points of weight * bilinear sample: [B, M, D, Q]. A function of its
-    own so that its [B*M*k, D, P, Q] samples are freed before the next group's are made. Points are the rows of
-    grid_sample's output, so the sum over them runs along a middle axis (on CPUs 1.3-2.4x faster than over a short
-    last axis, with the same sums for P = 2, 4, 8)."""
+    own so that its [B*M*k, D, Q, P] samples are freed before the next group's are made."""
     B, _, M, D = value.shape
     _, Q, _, _, P, _ = grid.shape
     k = len(levels)
-    v = torch.stack([value[:, starts[l]:starts[l] + H * W] for l in levels], 1) if k > 1 \
-        else value[:, None, starts[levels[0]]:starts[levels[0]] + H * W]                 # (B, k, H*W, M, D)
+    v = torch.stack([value[:, starts[l]:starts[l] + H * W] for l in levels], 1)       # (B, k, H*W, M, D)
     v = v.permute(0, 3, 1, 4, 2).reshape(B * M * k, D, H, W)
-    g = grid[:, :, :, levels].permute(0, 2, 3, 4, 1, 5).reshape(B * M * k, P, Q, 2)
-    a = weights[:, :, :, levels].permute(0, 2, 3, 4, 1).reshape(B * M * k, 1, P, Q)
-    sampled = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)  # (B*M*k, D, P, Q)
+    g = grid[:, :, :, levels].permute(0, 2, 3, 1, 4, 5).reshape(B * M * k, Q, P, 2)
+    a = weights[:, :, :, levels].permute(0, 2, 3, 1, 4).reshape(B * M * k, 1, Q, P)
+    sampled = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)  # (B*M*k, D, Q, P)
     weighted = sampled * a if sampled.requires_grad else sampled.mul_(a)  # in place when autograd is off
-    return weighted.sum(2).view(B, M, k, D, Q).sum(2)
+    return weighted.sum(-1).view(B, M, k, D, Q).sum(2)
 
 
 _kernel_failed = False  # set once the CUDA kernel could not be imported or built: we stop trying
@@ -157,7 +156,8 @@ def image_atlas(value, spatial_shapes, image, sampling_locations, attention_weig
     # short last axis, here P=2 points, is many times slower)
     scale, shift, per_image, half = sampling_locations.new_tensor(consts).transpose(0, 1)[:, :, None] \
         .expand(4, L, P, 2).contiguous()
-    loc = sampling_locations * scale + (shift + image.to(scale.dtype)[:, None, None, None] * per_image)[:, None]
+    shift = shift + image.to(scale.dtype)[:, None, None, None] * per_image                 # (pairs, L, P, 2)
+    loc = torch.addcmul(shift[:, None], sampling_locations, scale)                        # (pairs, M, L, P, 2)
     inside = ((sampling_locations - 0.5).abs() < half)[..., 1]           # its pixel row y*H - 0.5 is in (-1, H)
     return (atlas.view(1, I * R * Wa, M, D), spatial_shapes.new_tensor([[I * R, Wa]]), spatial_shapes.new_zeros(1),
             loc.view(1, pairs, M, 1, L * P, 2), (attention_weights * inside).view(1, pairs, M, 1, L * P))
@@ -273,21 +273,22 @@ class MMFS(nn.Module):
         M, L, P = self.n_heads, self.n_levels, self.n_points
         count = visible.sum(-1).view(B * Q)                                     # images each token sees
         sees = count > 0
-        row = sees.cumsum(0) * sees             # token -> 1 + its index among the tokens that see an image, else 0
+        tokens = sees.nonzero()[:, 0]                                           # (T,) the tokens that see some
+        row = sees.cumsum(0) * sees                      # token -> 1 + its index in `tokens`; 0: it sees none
         b, q, n = visible.nonzero(as_tuple=True)                                # (pairs,) token by token
         if not len(b):  # nobody sees an image (and the op would get no query): every token reads the null key
             return self.output_proj(v.new_zeros(1, M * self.head_dim)).expand(B, Q, -1)
-        token, slot = row[b * Q + q] - 1, image_recency(visible)[b, q, n] - 1
-        T, K = int(sees.sum()), int(count.max())
-        offsets, logits = self._heads(query.flatten(0, 1)[sees][None], torch.arange(1, K + 1, device=query.device))
-        loc = self._locations(offsets, ref.reshape(B * Q, 2)[sees][None, :, None], spatial_shapes)
-        empty = torch.arange(K, device=count.device) >= count[sees][:, None]    # (T, K)
-        weights = self._softmax(logits.expand(1, T, K, -1).masked_fill(empty[None, :, :, None], float("-inf")))
-        loc = loc.expand(1, T, K, -1, -1, -1, -1)[0, token, slot].expand(-1, -1, L, -1, -1)  # (pairs, M, L, P, 2)
+        token, slot = row[b * Q + q] - 1, image_recency(visible)[b, q, n] - 1  # pair -> index in `tokens`, slot
+        K = int(count.max())
+        offsets, logits = self._heads(query.flatten(0, 1)[tokens][None], torch.arange(1, K + 1, device=query.device))
+        loc = self._locations(offsets, ref.reshape(B * Q, 2)[tokens][None, :, None], spatial_shapes)
+        empty = torch.arange(K, device=count.device) >= count[tokens][:, None]  # (T, K)
+        weights = self._softmax(logits.expand(-1, -1, K, -1).masked_fill(empty[None, :, :, None], float("-inf")))
+        loc = loc.expand(-1, -1, K, -1, -1, -1, -1)[0, token, slot].expand(-1, -1, L, -1, -1)  # (pairs, M, L, P, 2)
         weights = weights[0, token, :, slot]                                    # (pairs, M, L, P)
         out = deform_attn(*image_atlas(v.flatten(0, 1), spatial_shapes, b * N + n, loc, weights))[0]  # (pairs, M*D)
         # sum each token's pairs; row 0 stays zero: a token that sees no image reads only the null key
-        out = out.new_zeros(T + 1, out.shape[-1]).index_add(0, token + 1, out)
+        out = out.new_zeros(len(tokens) + 1, out.shape[-1]).index_add(0, token + 1, out)
         return self.output_proj(out)[row].view(B, Q, -1)
 
     def _heads(self, query, relpos):

@@ -74,10 +74,10 @@ def make_inputs(case, device, grad, seed=0, Q=None):
     return ts[0], shapes, mmfs.level_starts(shapes), ts[1], ts[2]
 
 
-def worker(case, impl, mode, device, repeats):
+def worker(case, impl, mode, device, repeats, baseline=None):
     grad = mode == "fwd+bwd"
     args = make_inputs(case, device, grad)
-    fn = IMPLS[impl]
+    fn = load_baseline(baseline).deform_attn_reference if impl == "baseline" else IMPLS[impl]
     cuda = device == "cuda"
 
     def run(args=args):
@@ -148,7 +148,8 @@ def bench_packed(args):
     vis = ctx.visible
     print(f"packed: tiny LLM, batch {tuple(tokens.shape)}, {len(batch['images'])} images, at most {vis.shape[-1]} "
           f"per row; (token, image) pairs visible: {int(vis.sum())} of {vis.numel()} "
-          f"({vis.sum() / vis.numel():.0%}); tokens that see an image: {int(vis.any(-1).sum())} of {vis[..., 0].numel()}")
+          f"({vis.sum() / vis.numel():.0%}); tokens that see an image: {int(vis.any(-1).sum())} of "
+          f"{vis[..., 0].numel()}")
     layers = {i: b.inserted for i, b in enumerate(model.llm.layers) if b.inserted is not None}
     modules = [m for m in model.llm.modules() if isinstance(m, mmfs.MMFS)]
     classes = {"mmfs": mmfs.MMFS}
@@ -160,6 +161,8 @@ def bench_packed(args):
             model.llm.layers[i].inserted = None if variant is None else layer
         for m in modules:
             m.__class__ = classes.get(variant, mmfs.MMFS)
+        model.zero_grad(set_to_none=True)
+        x.grad = None
         with torch.set_grad_enabled(grad):
             h = model.llm.forward_hidden(embeds=x.requires_grad_(grad), ctx=None if variant is None else ctx)
             if grad:
@@ -167,8 +170,8 @@ def bench_packed(args):
         return h.detach()
 
     outs = {v: run(v, False) for v in classes}
-    for v, out in outs.items():
-        print(f"  {v}: max |difference| of the LLM's output from mmfs: {(out - outs['mmfs']).abs().max():.2e}")
+    for v in list(classes)[1:]:
+        print(f"  max |LLM output with {v} - with mmfs|: {(outs[v] - outs['mmfs']).abs().max():.2e}")
     for grad in (False, True):
         times = {v: [] for v in [None, *classes]}
         for _ in range(args.repeats or 21):  # interleaved, so that load from other processes hits every variant
@@ -189,19 +192,20 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, help="timed runs (default: 3 per op case, 21 for packed)")
     ap.add_argument("--worker", nargs=3, metavar=("CASE", "IMPL", "MODE"))
-    ap.add_argument("--batch_size", type=int, default=2, help="packed: rows (bench_mmi.py's MMFS overhead: 2)")
+    ap.add_argument("--batch_size", type=int, default=4, help="packed: rows (training: 4)")
     ap.add_argument("--seq_len", type=int, default=128, help="packed: tokens per row (training: 128)")
-    ap.add_argument("--baseline", help="packed: also time mmfs.py of this git revision (before/after in one run)")
+    ap.add_argument("--baseline", help="also time mmfs.py of this git revision (before/after in one run): its "
+                    "deform_attn_reference (impl 'baseline') and, in packed, its MMFS module")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.worker:
-        print(json.dumps(worker(*a.worker, a.device, a.repeats)))
+        print(json.dumps(worker(*a.worker, a.device, a.repeats, a.baseline)))
         return
     if a.case == "packed":
         return bench_packed(a)
     a.repeats = a.repeats or 3
     check_agreement(a.device)
-    impls = ["grouped", "naive"] + (["dispatch"] if a.device == "cuda" else [])
+    impls = ["grouped", "naive"] + (["dispatch"] if a.device == "cuda" else []) + (["baseline"] if a.baseline else [])
     print(f"device={a.device} threads={a.threads} repeats={a.repeats} (medians of wall and process-CPU ms; "
           f"peak MB above the inputs)")
     print(f"{'case':6} {'impl':9} {'mode':8} {'wall ms':>9} {'cpu ms':>9} {'peak MB':>9}")
@@ -209,7 +213,8 @@ def main():
         for impl in impls:
             for mode in ("fwd", "fwd+bwd"):
                 cmd = [sys.executable, __file__, "--worker", case, impl, mode, "--device", a.device,
-                       "--threads", str(a.threads), "--repeats", str(a.repeats)]
+                       "--threads", str(a.threads), "--repeats", str(a.repeats)] + \
+                    (["--baseline", a.baseline] if a.baseline else [])
                 r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
                 print(f"{case:6} {impl:9} {mode:8} {r['ms']:9.0f} {r['cpu_ms']:9.0f} {r['peak_mb']:9.0f}", flush=True)
     if a.case == "all" and a.device == "cpu":
