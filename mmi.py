@@ -106,6 +106,7 @@ class MMIConfig:
     # what trains (official: ViT, LLaMA, LM head and VAE frozen; the tiny world trains everything from scratch)
     freeze_vit: bool = True
     freeze_llm: bool = True
+    freeze_unet: bool = False           # official: the U-Net fine-tunes at lr_unet; the tiny world keeps its tiny SD's
     lr: float = 1e-4
     lr_unet: float = 1e-5
     lr_offsets: float = 1e-5            # every sampling_offsets layer (LLM, U-Net and adapter MMFS)
@@ -371,6 +372,8 @@ class MMI(nn.Module):
                 p.requires_grad_(".inserted." in name)
         if self.vae is not None:
             self.vae.requires_grad_(False)
+        if self.cfg.freeze_unet:  # the U-Net only: its MMFS taps (dec_*) are new modules and train
+            self.unet.requires_grad_(False)
 
     @property
     def schedule(self):
@@ -588,10 +591,8 @@ class MMI(nn.Module):
         null_cond: optional [dec_queries, C] tensor (official: SD's text encoding of "")."""
         vit = VisionTransformer.from_pretrained(clip, dtype)
         lm = LLaMA.from_pretrained(llm, dtype)
-        unet = UNet.from_pretrained(sd, torch.float32)
+        unet, schedule = cls._stable_diffusion(sd, preset)
         vae = AutoencoderKL.from_pretrained(sd, torch.float32)
-        has_schedule = (Path(sd) / "scheduler" / "scheduler_config.json").is_file()
-        schedule = NoiseSchedule.from_pretrained(sd).config if has_schedule else PRESETS[preset]["schedule"]
         cfg = MMIConfig.from_name(
             preset, vision=asdict(vit.cfg), llm=asdict(lm.cfg), unet=asdict(unet.cfg), vae=asdict(vae.cfg),
             schedule=schedule, components=dict(clip=str(clip), llm=str(llm), sd=str(sd)), **overrides)
@@ -599,6 +600,32 @@ class MMI(nn.Module):
         with torch.no_grad():
             model.boi_base.copy_(lm.embed.weight.float().mean(0))  # as a resized embedding table's new row
             if null_cond is not None:
+                model.null_cond.copy_(null_cond)
+        return model
+
+    @staticmethod
+    def _stable_diffusion(sd, preset):
+        """The U-Net (fp32) and the schedule's settings of a Stable Diffusion folder (the preset's schedule if the
+        folder has none)."""
+        has_schedule = (Path(sd) / "scheduler" / "scheduler_config.json").is_file()
+        schedule = NoiseSchedule.from_pretrained(sd).config if has_schedule else PRESETS[preset]["schedule"]
+        return UNet.from_pretrained(sd, torch.float32), schedule
+
+    @classmethod
+    def on_stable_diffusion(cls, sd, preset="tiny", null_cond=None, **overrides):
+        """The tiny world built as the paper is built: the U-Net and schedule of a pretrained (tiny) Stable Diffusion
+        folder (tiny_sd.py), everything else of the preset new; null_cond: SD's text encoding of "" (paper: the null
+        condition starts there). The result is self-contained: save() stores its U-Net too."""
+        fixed = [k for k in overrides if k.partition(".")[0] in ("unet", "schedule")]
+        if fixed:
+            raise ValueError(f"{sd}: the U-Net and schedule come from the folder; cannot override {fixed}")
+        unet, schedule = cls._stable_diffusion(sd, preset)
+        model = cls(MMIConfig.from_name(preset, unet=asdict(unet.cfg), schedule=schedule, **overrides), unet=unet)
+        if null_cond is not None:
+            if null_cond.shape != model.null_cond.shape:
+                raise ValueError(f"{sd}: the empty caption encodes to {tuple(null_cond.shape)}, the decoder makes "
+                                 f"{tuple(model.null_cond.shape)} (dec_queries x context width must match)")
+            with torch.no_grad():
                 model.null_cond.copy_(null_cond)
         return model
 

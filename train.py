@@ -5,6 +5,7 @@ Train MM-Interleaved: the tiny model on the synthetic world (default), or the of
         # shipped assets/tiny (seed 0, ~14.5 minutes on 2 CPU cores; 2 processes of 1 thread beat 1 process of 2)
     python train.py --grad_accum=2                    # the same run in one process (same global batch), ~1.6x slower
     python train.py --max_steps=50 --eval_interval=25 --out_dir=out-try     # a short try
+    python train.py --eval_only=True --init_from=assets/tiny --eval_n=100  # held-out scores as one JSON line
     python train.py --out_dir=out-tiny --resume=True  # continue exactly where the last checkpoint stopped
     python train.py --n_image_tokens=8 --llm.n_layers=6                    # model-config overrides (mmi.MMIConfig)
     torchrun --standalone --nproc_per_node=2 train.py # DDP (gloo on CPU, NCCL on GPUs); same result as 1 process
@@ -47,6 +48,8 @@ import data
 import world
 from generate import SAMPLING, generate
 from mmi import MMI, MMIConfig, PRESETS
+from tiny_sd import TextEncoder
+from weights import CheckpointError
 
 # -----------------------------------------------------------------------------
 # knobs (defaults for the tiny preset; PRESET_KNOBS below changes some for other presets)
@@ -76,12 +79,17 @@ dtype = "float32"          # "float32", "bfloat16" or "float16" (autocast; fp16 
 compile = False
 grad_checkpointing = False
 threads = 1                # torch CPU threads per process, 0 = torch's default (tiny: 1; use processes)
-# official components (preset "official"): folders for mmi.MMI.from_components
+# official components (preset "official"): folders for mmi.MMI.from_components. Other presets build on the
+# pretrained tiny Stable Diffusion of tiny_sd.py (as the paper builds on SD 2.1): sd_path "" = assets/tiny-sd, with its
+# U-Net frozen (--freeze_unet=False fine-tunes it) and the null condition from its encoding of ""; "scratch" = none
 clip_path = llm_path = sd_path = ""
 # logging, evaluation, checkpoints
 log_interval = 10
 eval_interval = 0          # 0: evaluate once at the end
 eval_n = 50                # held-out examples per kind
+eval_seed = 0              # which held-out examples, and the sampling noise
+eval_only = False          # True: score --init_from (a model folder) and print one JSON line, no training
+init_from = ""             # a model folder (MMI.save) to start from instead of building the preset
 eval_kinds = "i2t,qa,t2i,story"
 eval_steps = SAMPLING["steps"]        # diffusion sampling in eval: the demo's settings (generate.SAMPLING);
 eval_sampler = SAMPLING["sampler"]    # text is greedy
@@ -186,15 +194,27 @@ if resume:
     except Exception as e:
         raise SystemExit(f"error: cannot read checkpoint {ckpt_file}: {str(e).splitlines()[0]}")
     model_overrides = ckpt["model_overrides"]  # the architecture comes from the checkpoint
-if preset == "official":
+if init_from:  # a model folder (MMI.save / out_dir) to evaluate or to train further
+    try:
+        model = MMI.load(init_from)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: --init_from: {str(e).splitlines()[0]}")
+elif preset == "official":
     if not (clip_path and llm_path and sd_path):
         raise SystemExit("error: preset 'official' needs --clip_path, --llm_path and --sd_path")
     model = MMI.from_components(clip_path, llm_path, sd_path, dtype=ptdtype, **model_overrides)
 else:
     try:
-        model = MMI(MMIConfig.from_name(preset, **model_overrides))
+        if sd_path == "scratch":
+            model = MMI(MMIConfig.from_name(preset, **model_overrides))
+        else:
+            sd_path = sd_path or str(Path(__file__).resolve().parent / "assets" / "tiny-sd")
+            null = TextEncoder.from_pretrained(sd_path).encode([""])[0]
+            model = MMI.on_stable_diffusion(sd_path, preset, null, **{"freeze_unet": True, **model_overrides})
     except (KeyError, TypeError) as e:
         raise SystemExit(f"error: bad model-config override: {e}")
+    except (CheckpointError, ValueError) as e:
+        raise SystemExit(f"error: --sd_path: {str(e).splitlines()[0]}")
 skip_keys = model.official_keys()  # frozen official weights are not stored in checkpoints
 if ckpt is not None:
     state = ckpt["model"]
@@ -348,12 +368,12 @@ def to_device(b):
 @torch.no_grad()
 def evaluate(m, n=eval_n, kinds=eval_kinds):
     m.eval()
-    gen = torch.Generator(device).manual_seed(seed)
+    gen = torch.Generator(device).manual_seed(eval_seed)
     opts = dict(temperature=0.0, steps=eval_steps, sampler=eval_sampler, guidance=eval_guidance, generator=gen)
     metrics = {}
     for kind in [k for k in kinds.split(",") if k]:
         scores = []
-        for ex in world.eval_examples(kind, n, seed=seed, size=mcfg.image_size):
+        for ex in world.eval_examples(kind, n, seed=eval_seed, size=mcfg.image_size):
             if kind in ("i2t", "qa"):  # text answer; greedy
                 items = generate(m, ex["prompt"], max_new_tokens=160 if kind == "i2t" else 20, max_images=0, **opts)
                 pred = next((x for x in items if isinstance(x, str)), "")
@@ -426,6 +446,10 @@ def ctrl_c_deferred():
         handler(signal.SIGINT, None)
 
 
+if eval_only:  # score the model (--init_from) on the held-out scenes and print one JSON line
+    if master:
+        print(json.dumps({k: round(v, 4) for k, v in evaluate(raw_model).items()}))
+    sys.exit(0)
 last_good = start_step if ckpt is not None else None
 model.train()
 if start_step < max_steps:  # the first micro-batch before the progress bar: a corpus with nothing usable stops here

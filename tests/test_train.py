@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # a smaller tiny model and short rows so that each run takes seconds
 SMALL = ["--seq_len=128", "--n_image_tokens=4", "--llm.n_layers=2", "--llm.dim=64", "--llm.hidden_dim=128",
          "--res_layers=1", "--unet.block_out_channels=[16,32,32]", "--unet.attention_head_dim=[1,2,2]",
-         "--eval_n=0", "--log_interval=1", "--threads=1"]
+         "--eval_n=0", "--log_interval=1", "--threads=1", "--sd_path=scratch"]
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -186,3 +186,13 @@ def test_argument_type_checks(tmp_path):
         p = run([bad, "--max_steps=0"], tmp_path / "b", check=False)
         assert p.returncode != 0 and words in p.stderr, (bad, p.stderr[-500:])
         assert "Traceback" not in p.stderr
+
+
+def test_eval_only_prints_every_metric(tmp_path):
+    from mmi import MMI, MMIConfig
+    MMI(MMIConfig.from_name("tiny", freeze_unet=False)).save(tmp_path / "model")
+    p = run(["--eval_only=True", f"--init_from={tmp_path / 'model'}", "--eval_n=1", "--eval_seed=3"], tmp_path / "o")
+    metrics = json.loads(p.stdout.strip().splitlines()[-1])
+    assert {"i2t_exact", "qa_exact", "t2i_cell_acc", "t2i_object_acc", "story_cell_acc",
+            "story_object_acc"} <= metrics.keys()
+    assert all(0 <= v <= 1 for v in metrics.values())
