@@ -135,31 +135,36 @@ def image_atlas(value, spatial_shapes, image, sampling_locations, attention_weig
     value               [I, S, M, D]        I images, each with the levels of spatial_shapes [L, 2] (H, W)
     image               [pairs]             the image each pair reads
     sampling_locations  [pairs, M, L, P, 2] on the pair's own image; attention_weights [pairs, M, L, P]
-    returns             value [1, I*R*W', M, D], spatial_shapes [[I*R, W']], level_start_index [0],
+    returns             value [1, S', M, D], spatial_shapes [[H', W']], level_start_index [0],
                         locations [1, pairs, M, 1, L*P, 2], weights [1, pairs, M, 1, L*P]
 
-    The atlas holds every (image, level) as a block of rows, left-aligned, W' = max W wide, each block followed by a
-    zero row (R = sum (H+1) rows per image); a point keeps its pixel coordinates within its block. Columns right of a
-    block are zeros, as outside a map. A point within one pixel row of its block (h = y*H - 0.5 in [-1, H)) has its
-    bilinear taps in the block or a zero row, as on its own map; a point further out reads zeros on its own map but
-    could reach another block here, so its weight is set to zero (and so are its gradients)."""
+    The atlas is a grid of c x r image blocks, each block the image's levels one below the other, left-aligned, each
+    level followed by a zero row and the block by a zero column; a point keeps its pixel coordinates within its
+    level. Columns right of a narrower level are zeros, as outside a map. A point within one pixel of its level (its
+    pixel coordinates in (-1, H) and (-1, W)) has its bilinear taps in the level or in zeros, as on its own map; a
+    point further out reads zeros on its own map but could reach another level here, so its weight is set to zero
+    (and so are its gradients). The grid is near square, so that the normalised coordinates of the op, rounded to
+    the precision of the dtype, stay as close to the pixel as possible."""
     I, _, M, D = value.shape
     pairs, _, L, P, _ = sampling_locations.shape
     shapes = spatial_shapes.tolist()
-    R, Wa = sum(h + 1 for h, _ in shapes), max(w for _, w in shapes)
-    atlas, consts, row, start = value.new_zeros(I, R, Wa, M, D), [], 0, 0
+    R, Wb = sum(h + 1 for h, _ in shapes), max(w for _, w in shapes) + 1        # rows and columns of a block
+    c = math.ceil(math.sqrt(I * R / Wb))                                          # blocks per atlas row
+    r = math.ceil(I / c)
+    atlas, consts, row, start = value.new_zeros(r * c, R, Wb, M, D), [], 0, 0
     for h, w in shapes:
-        atlas[:, row:row + h, :w] = value[:, start:start + h * w].view(I, h, w, M, D)
-        consts.append([[w / Wa, h / (I * R)], [0.0, row / (I * R)], [0.0, 1 / I], [math.inf, 0.5 + 0.5 / h]])
+        atlas[:I, row:row + h, :w] = value[:, start:start + h * w].view(I, h, w, M, D)
+        consts.append([[w / (c * Wb), h / (r * R)], [0.0, row / (r * R)], [0.5 + 0.5 / w, 0.5 + 0.5 / h]])
         row, start = row + h + 1, start + h * w
+    atlas = atlas.view(r, c, R, Wb, M, D).transpose(1, 2).reshape(1, r * R * c * Wb, M, D)   # (r, R, c, Wb) rows
     # per (level, point, x|y), so that the elementwise ops below run along contiguous memory (on CPUs, a broadcast
     # short last axis, here P=2 points, is many times slower)
-    scale, shift, per_image, half = sampling_locations.new_tensor(consts).transpose(0, 1)[:, :, None] \
-        .expand(4, L, P, 2).contiguous()
-    shift = shift + image.to(scale.dtype)[:, None, None, None] * per_image                 # (pairs, L, P, 2)
-    loc = torch.addcmul(shift[:, None], sampling_locations, scale)                        # (pairs, M, L, P, 2)
-    inside = ((sampling_locations - 0.5).abs() < half)[..., 1]           # its pixel row y*H - 0.5 is in (-1, H)
-    return (atlas.view(1, I * R * Wa, M, D), spatial_shapes.new_tensor([[I * R, Wa]]), spatial_shapes.new_zeros(1),
+    scale, shift, half = sampling_locations.new_tensor(consts).transpose(0, 1)[:, :, None].expand(3, L, P, 2) \
+        .contiguous()
+    block = torch.stack([image % c, image // c], -1).to(scale.dtype) / scale.new_tensor([c, r])   # (pairs, 2)
+    loc = torch.addcmul((shift + block[:, None, None])[:, None], sampling_locations, scale)  # (pairs, M, L, P, 2)
+    inside = ((sampling_locations - 0.5).abs() < half).all(-1)          # pixel coordinates in (-1, W) x (-1, H)
+    return (atlas, spatial_shapes.new_tensor([[r * R, c * Wb]]), spatial_shapes.new_zeros(1),
             loc.view(1, pairs, M, 1, L * P, 2), (attention_weights * inside).view(1, pairs, M, 1, L * P))
 
 
