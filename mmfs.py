@@ -275,7 +275,7 @@ class MMFS(nn.Module):
         images a token sees; slots beyond its own images get -inf); the op then samples one (token, image) pair
         per query. -> [B, Q, out_dim]"""
         B, Q, N = visible.shape
-        M, L, P = self.n_heads, self.n_levels, self.n_points
+        M, L = self.n_heads, self.n_levels
         count = visible.sum(-1).view(B * Q)                                     # images each token sees
         sees = count > 0
         tokens = sees.nonzero()[:, 0]                                           # (T,) the tokens that see some

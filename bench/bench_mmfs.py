@@ -199,21 +199,21 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.worker:
-        print(json.dumps(worker(*a.worker, a.device, a.repeats, a.baseline)))
+        print(json.dumps(worker(*a.worker, a.device, a.repeats or 3, a.baseline)))
         return
     if a.case == "packed":
         return bench_packed(a)
-    a.repeats = a.repeats or 3
+    repeats = a.repeats or 3
     check_agreement(a.device)
     impls = ["grouped", "naive"] + (["dispatch"] if a.device == "cuda" else []) + (["baseline"] if a.baseline else [])
-    print(f"device={a.device} threads={a.threads} repeats={a.repeats} (medians of wall and process-CPU ms; "
+    print(f"device={a.device} threads={a.threads} repeats={repeats} (medians of wall and process-CPU ms; "
           f"peak MB above the inputs)")
     print(f"{'case':6} {'impl':9} {'mode':8} {'wall ms':>9} {'cpu ms':>9} {'peak MB':>9}")
     for case in (CASES if a.case == "all" else [a.case]):
         for impl in impls:
             for mode in ("fwd", "fwd+bwd"):
                 cmd = [sys.executable, __file__, "--worker", case, impl, mode, "--device", a.device,
-                       "--threads", str(a.threads), "--repeats", str(a.repeats)] + \
+                       "--threads", str(a.threads), "--repeats", str(repeats)] + \
                     (["--baseline", a.baseline] if a.baseline else [])
                 r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
                 print(f"{case:6} {impl:9} {mode:8} {r['ms']:9.0f} {r['cpu_ms']:9.0f} {r['peak_mb']:9.0f}", flush=True)
