@@ -91,7 +91,7 @@ def _sample_levels(value, starts, H, W, levels, grid, weights):
     v = torch.stack([value[:, starts[l]:starts[l] + H * W] for l in levels], 1)       # (B, k, H*W, M, D)
     v = v.permute(0, 3, 1, 4, 2).reshape(B * M * k, D, H, W)
     g = grid[:, :, :, levels].permute(0, 2, 3, 1, 4, 5).reshape(B * M * k, Q, P, 2)
-    a = weights[:, :, :, levels].permute(0, 2, 3, 1, 4).reshape(B * M * k, 1, Q, P)
+    a = weights[:, :, :, levels].permute(0, 2, 3, 1, 4).reshape(B * M * k, 1, Q, P).contiguous()  # faster product
     sampled = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)  # (B*M*k, D, Q, P)
     weighted = sampled * a if sampled.requires_grad else sampled.mul_(a)  # in place when autograd is off
     return weighted.sum(-1).view(B, M, k, D, Q).sum(2)
@@ -163,7 +163,8 @@ def image_atlas(value, spatial_shapes, image, sampling_locations, attention_weig
         .contiguous()
     block = torch.stack([image % c, image // c], -1).to(scale.dtype) / scale.new_tensor([c, r])   # (pairs, 2)
     loc = torch.addcmul((shift + block[:, None, None])[:, None], sampling_locations, scale)  # (pairs, M, L, P, 2)
-    inside = ((sampling_locations - 0.5).abs() < half).all(-1)          # pixel coordinates in (-1, W) x (-1, H)
+    inside_x, inside_y = ((sampling_locations - 0.5).abs() < half).unbind(-1)  # pixel coordinates in (-1, W), (-1, H)
+    inside = inside_x & inside_y
     return (atlas, spatial_shapes.new_tensor([[r * R, c * Wb]]), spatial_shapes.new_zeros(1),
             loc.view(1, pairs, M, 1, L * P, 2), (attention_weights * inside).view(1, pairs, M, 1, L * P))
 
