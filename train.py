@@ -79,9 +79,10 @@ dtype = "float32"          # "float32", "bfloat16" or "float16" (autocast; fp16 
 compile = False
 grad_checkpointing = False
 threads = 1                # torch CPU threads per process, 0 = torch's default (tiny: 1; use processes)
-# official components (preset "official"): folders for mmi.MMI.from_components. Other presets build on the
-# pretrained tiny Stable Diffusion of tiny_sd.py (as the paper builds on SD 2.1): sd_path "" = assets/tiny-sd, with its
-# U-Net frozen (--freeze_unet=False fine-tunes it) and the null condition from its encoding of ""; "scratch" = none
+# official components (preset "official"): folders for mmi.MMI.from_components. Other presets: sd_path "" trains
+# everything from scratch (the shipped assets/tiny); a tiny Stable Diffusion folder of tiny_sd.py builds on it as the
+# paper builds on SD 2.1: its U-Net frozen (--freeze_unet=False fine-tunes it), the null condition from its encoding
+# of "" (issue 16's recipe, not yet the default: see experiments/README.md)
 clip_path = llm_path = sd_path = ""
 # logging, evaluation, checkpoints
 log_interval = 10
@@ -205,10 +206,9 @@ elif preset == "official":
     model = MMI.from_components(clip_path, llm_path, sd_path, dtype=ptdtype, **model_overrides)
 else:
     try:
-        if sd_path == "scratch":
+        if not sd_path:
             model = MMI(MMIConfig.from_name(preset, **model_overrides))
         else:
-            sd_path = sd_path or str(Path(__file__).resolve().parent / "assets" / "tiny-sd")
             null = TextEncoder.from_pretrained(sd_path).encode([""])[0]
             model = MMI.on_stable_diffusion(sd_path, preset, null, **{"freeze_unet": True, **model_overrides})
     except (KeyError, TypeError) as e:

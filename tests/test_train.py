@@ -17,14 +17,14 @@ ROOT = Path(__file__).resolve().parent.parent
 # a smaller tiny model and short rows so that each run takes seconds
 SMALL = ["--seq_len=128", "--n_image_tokens=4", "--llm.n_layers=2", "--llm.dim=64", "--llm.hidden_dim=128",
          "--res_layers=1", "--unet.block_out_channels=[16,32,32]", "--unet.attention_head_dim=[1,2,2]",
-         "--eval_n=0", "--log_interval=1", "--threads=1", "--sd_path=scratch"]
+         "--eval_n=0", "--log_interval=1", "--threads=1"]
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
-def run(args, out, launcher=None, check=True, timeout=600):
-    cmd = (launcher or [sys.executable]) + [str(ROOT / "train.py"), f"--out_dir={out}", *SMALL, *args]
+def run(args, out, launcher=None, check=True, timeout=600, small=SMALL):
+    cmd = (launcher or [sys.executable]) + [str(ROOT / "train.py"), f"--out_dir={out}", *small, *args]
     p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
@@ -196,3 +196,22 @@ def test_eval_only_prints_every_metric(tmp_path):
     assert {"i2t_exact", "qa_exact", "t2i_cell_acc", "t2i_object_acc", "story_cell_acc",
             "story_object_acc"} <= metrics.keys()
     assert all(0 <= v <= 1 for v in metrics.values())
+
+
+def test_built_on_a_tiny_stable_diffusion_keeps_its_unet_frozen(tmp_path):
+    """--sd_path: the U-Net and schedule come from a tiny SD folder (tiny_sd.py) and stay as they were; the null
+    condition starts from its encoding of the empty caption; the new modules train."""
+    import tiny_sd
+    from mmi import MMI
+    from unet import UNet
+    sd = tmp_path / "sd"
+    tiny_sd.train(out_dir=str(sd), steps=1, batch=2, eval_every=0, final_eval_n=1, eval_steps=1,
+                  unet=dict(block_out_channels=[16, 32, 32], attention_head_dim=[1, 2, 2]))
+    small = [a for a in SMALL if not a.startswith("--unet.")]  # the U-Net is the folder's
+    run([f"--sd_path={sd}", "--max_steps=2", "--ckpt_interval=2"], tmp_path / "o", small=small)
+    model, base = MMI.load(tmp_path / "o"), UNet.from_pretrained(sd)
+    assert model.cfg.freeze_unet
+    for (name, p), q in zip(model.unet.state_dict().items(), base.state_dict().values()):
+        assert torch.equal(p, q), name
+    null = tiny_sd.TextEncoder.from_pretrained(sd).encode([""])[0]
+    assert model.null_cond.shape == null.shape and not torch.equal(model.null_cond, null)  # started there, trained
