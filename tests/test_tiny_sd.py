@@ -32,8 +32,15 @@ def test_micro_run_writes_a_loadable_folder(micro_folder):
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records[1:])
     net, sched = UNet.from_pretrained(micro_folder), NoiseSchedule.from_pretrained(micro_folder)
     assert net.cfg.block_out_channels == (8, 16, 16) and sched.prediction_type == "v_prediction"
+    assert not sched.clip_sample  # guidance in pixel space needs it off (tiny_sd.train says why)
     te = tiny_sd.TextEncoder.from_pretrained(micro_folder)
     assert te.encode(["a red circle in the top left."]).shape == (1, 6, 16)
+    # the same objects listed in another order: the same tokens permuted, so the same U-Net prediction
+    a = "a red circle in the top left and a blue square in the centre."
+    b = "a blue square in the centre and a red circle in the top left."
+    x, t = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
+    with torch.no_grad():
+        assert torch.allclose(net(x, t, te.encode([a])), net(x, t, te.encode([b])), atol=1e-6)
     assert not list(micro_folder.rglob(".*.tmp"))  # every file went through its temporary and was renamed
 
 
@@ -82,6 +89,7 @@ def test_text_encoder_reads_text_only():
     empty = te.encode([""])
     assert c.shape == (2, te.n_tokens, 64) and torch.equal(c[0, 3:], empty[0, 3:])
     assert (empty[0] == empty[0, 0]).all()  # the empty caption: every token the same <pad>
+    assert torch.equal(te.empty(), empty[0]) and torch.equal(te.empty(3), empty[0, :3])
     assert torch.allclose(c.pow(2).mean(-1), torch.ones(2, te.n_tokens), atol=1e-3)
     # every object phrase of the world gets a distinct token (colour, shape and cell all matter)
     phrases = [f"a {c} {s} in the {cell}." for c in world.COLOURS for s in world.SHAPES for cell in world.CELLS]
