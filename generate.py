@@ -14,10 +14,13 @@ from llm import sample_next
 from mmi import MMI, VisualContext
 
 # The sampling settings of the demo, of train.py's evaluation and of generate()'s defaults: greedy text (answers
-# are exact), DDIM 25 steps, guidance 2 (the official demo samples text with top_p 0.9 / repetition penalty 1.3 and
-# images with guidance 7.5: pass them to generate / sample.py for the official model)
-SAMPLING = dict(temperature=0.0, top_k=None, top_p=0.9, repetition_penalty=1.0, sampler="ddim", steps=25,
-                guidance=2.0)
+# are exact), DDIM 25 steps, guidance 2. OFFICIAL_SAMPLING: the authors' demo (generate(..., **OFFICIAL_SAMPLING)).
+# min_length: </s> and BoI are not sampled before that many tokens of a text call; the repetition penalty covers the
+# ids of the current text call only (as the authors').
+SAMPLING = dict(temperature=0.0, top_k=None, top_p=0.9, repetition_penalty=1.0, min_length=0, sampler="ddim",
+                steps=25, guidance=2.0)
+OFFICIAL_SAMPLING = dict(temperature=1.0, top_k=50, top_p=0.9, repetition_penalty=1.3, min_length=8,
+                         sampler="ddpm", steps=30, guidance=7.5)
 
 
 @torch.no_grad()
@@ -25,7 +28,8 @@ def generate(model: MMI, prompt, max_new_tokens=90, max_images=4, begin_image=Fa
              max_len=None, timings=None, stop_at=None, **sampling):
     """One interleaved loop continuing `prompt` (a list of str / PIL / [3,H,W] tensors): sample text with the KV
     cache; when BoI comes (or at once with begin_image=True), draw an image with the decoder, re-encode it with the
-    vision tower, put it in context and go on; stop at </s>, max_new_tokens text tokens or max_images images
+    vision tower (through 8 bits, as a saved picture: official), put it in context and go on; stop at </s>, after
+    max_new_tokens tokens of one text call (the text between two images; official 90), at max_images images
     (max_images=0: text only, BoI stops), or once the text since the last image contains `stop_at` (e.g. "." ends an
     answer with its sentence). sampling: SAMPLING's keys (temperature 0 = greedy).
     timings: a dict that receives "image_s", the seconds spent drawing images.
@@ -40,14 +44,16 @@ def generate(model: MMI, prompt, max_new_tokens=90, max_images=4, begin_image=Fa
     for img in images:
         s.add_image(img)
     logits = s.feed(ids)
-    out, text, n_text, n_img = [], [], 0, 0
+    out, text, n_img = [], [], 0
     while True:
         if begin_image and not out and not text:
             nxt = cfg.boi_id
         else:
             logits[[cfg.image_id, tok.pad_id, tok.bos_id]] = float("-inf")  # never sampled
-            penalised = opts["repetition_penalty"] != 1.0
-            prev = torch.tensor(s.tokens, device=logits.device)[None] if penalised else None
+            if len(text) < opts["min_length"] - 1:
+                logits[[tok.eos_id, cfg.boi_id]] = float("-inf")
+            penalised = opts["repetition_penalty"] != 1.0 and text
+            prev = torch.tensor(text, device=logits.device)[None] if penalised else None
             nxt = int(sample_next(logits[None], opts["temperature"], opts["top_k"], opts["top_p"],
                                   opts["repetition_penalty"], prev, generator))
         if nxt == tok.eos_id:
@@ -65,12 +71,11 @@ def generate(model: MMI, prompt, max_new_tokens=90, max_images=4, begin_image=Fa
                 timings["image_s"] = timings.get("image_s", 0.0) + time.time() - t0
             out.append(img)
             n_img += 1
-            s.add_image(img)
+            s.add_image((img * 255).round() / 255)
             logits = s.feed([cfg.image_id] * cfg.n_image_tokens)
             continue
         text.append(nxt)
-        n_text += 1
-        if n_text >= max_new_tokens or len(s.tokens) + 1 > s.max_len or (stop_at and stop_at in tok.decode(text)):
+        if len(text) >= max_new_tokens or len(s.tokens) + 1 > s.max_len or (stop_at and stop_at in tok.decode(text)):
             break
         logits = s.feed([nxt])
     if text:

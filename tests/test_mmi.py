@@ -489,3 +489,13 @@ def test_generation_stops_at_stop_string():
     stop = full[3:5]
     cut = generate.generate(model, ["hello"], max_new_tokens=12, max_images=0, temperature=0, stop_at=stop)[0]
     assert full.startswith(cut) and stop in cut and stop not in cut[:-1]  # stops at the token that completes it
+
+
+def test_generation_min_length_holds_back_eos():
+    model = micro(live=True)
+    with torch.no_grad():
+        model.head_bias[model.tok.eos_id] = 1e4  # a model that always wants to stop
+    assert generate.generate(model, ["hello"], max_new_tokens=9, max_images=0) == []
+    text = generate.generate(model, ["hello"], max_new_tokens=9, max_images=0, min_length=6)
+    five = generate.generate(model, ["hello"], max_new_tokens=5, max_images=0, min_length=6)  # cut at 5 tokens
+    assert text == five and text[0]  # official: </s> and BoI barred for the first 5 tokens, then it stops
