@@ -11,7 +11,7 @@ images it sees (image_atlas): the work scales with those, not with the images of
     deform_attn            the op, in Deformable-DETR layouts; the CUDA kernel of kernels/ on GPU tensors
     deform_attn_reference  the same op in pure torch (F.grid_sample); the definition the kernel is tested against
     image_atlas            (token, image) pairs that each read one of many images -> one call of the op
-    MMFS                   the module; its three uses in MM-Interleaved (official.md):
+    MMFS                   the module; its three uses in MM-Interleaved (docs/official.md):
       LLM      MMFS(5120, 1024, n_heads=16, n_levels=3, n_points=8, head_dim=64, offset_init=3, max_images=50,
                     base_grid=16)   values: levels 32/16/8 of every image, reference point (0.5, 0.5)
       U-Net    MMFS(C_skip, 1024, n_heads=16, n_levels=4, n_points=8, head_dim=64, offset_init=1, max_images=1,
@@ -181,7 +181,7 @@ def image_recency(visible):
 
 
 class MMFS(nn.Module):
-    """Multi-image multi-scale deformable attention with a null key (official.md, "MMFS inside the LLM").
+    """Multi-image multi-scale deformable attention with a null key (docs/official.md, "MMFS inside the LLM").
 
     query_dim, value_dim   widths of the query tokens and of the image features
     n_heads, head_dim      attention heads; value_proj maps value_dim -> n_heads*head_dim (head_dim: value_dim/n_heads)
@@ -302,7 +302,7 @@ class MMFS(nn.Module):
         image), relpos [N]: the image's recency (1 = the most recent image the query sees); at fp32 or better, so
         that locations and softmax stay precise when the module runs in bf16 / under autocast. Without the
         image-index embedding every image gets the same: [B, Q, 1, ...].
-        Per-image query (official.md): q_n = query_proj(q) + E[relpos_n]. The heads are linear, so
+        Per-image query (docs/official.md): q_n = query_proj(q) + E[relpos_n]. The heads are linear, so
         head(q_n) = head(query_proj(q)) + W_head E[relpos_n]: apply them to each token once and to the (tiny)
         embedding table once, instead of materialising a [B, Q, N, query_dim] tensor."""
         heads = (self.sampling_offsets, self.attention_weights)

@@ -96,7 +96,7 @@ eval_steps = SAMPLING["steps"]        # diffusion sampling in eval: the demo's s
 eval_sampler = SAMPLING["sampler"]    # text is greedy
 eval_guidance = SAMPLING["guidance"]
 ckpt_interval = 200        # also at the end
-PRESET_KNOBS = {  # official.md: AdamW (0.9, 0.995), eps 1e-6, wd 0.05, warmup 1000, 15k steps cosine to 0, context 2048
+PRESET_KNOBS = {  # docs/official.md: AdamW (0.9, 0.995), eps 1e-6, wd 0.05, warmup 1000, 15k steps cosine to 0, context 2048
     "official": dict(beta2=0.995, eps=1e-6, weight_decay=0.05, warmup_steps=1000, max_steps=15000, seq_len=2048,
                      schedule="cosine", min_lr_ratio=0.0, out_dir="out-official", eval_guidance=3.5, eval_steps=50,
                      eval_n=20),

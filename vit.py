@@ -7,7 +7,7 @@ The CLIP vision transformer (ViT-L/14 in MM-Interleaved) and the ViT-Adapter tha
                            (`vision_model.` + ...), so loading is one strict loop with no key map.
     clip_preprocess        Pillow: bicubic resize of the short side, centre crop, CLIP mean/std.
     ViTAdapter             spatial-prior conv stem + interaction blocks (deformable attention from mmfs.py) around
-                           contiguous ranges of the ViT's layers -> ViT tokens and 4 feature maps (official.md).
+                           contiguous ranges of the ViT's layers -> ViT tokens and 4 feature maps (docs/official.md).
     sincos_2d              fixed 2D sine-cosine position table (rows first, as every official table);
     sincos_2d_resized      one stored square table resized bicubically to another grid: the official way of giving
                            the adapter levels and the U-Net's MMFS taps their positions.
@@ -294,7 +294,7 @@ def sincos_2d_resized(table_size, h, w, dim, device=None, dtype=torch.float32):
 
 
 # -----------------------------------------------------------------------------
-# ViT-Adapter (Chen et al. 2023, as used by MM-Interleaved; official.md "Multi-scale image features")
+# ViT-Adapter (Chen et al. 2023, as used by MM-Interleaved; docs/official.md "Multi-scale image features")
 
 
 class LayerNorm2d(nn.LayerNorm):

@@ -29,7 +29,7 @@ except ImportError:
 # ------------------------------------------------------------------------------------------- references and cases
 
 def loop_reference(value, shapes, starts, loc, attn):
-    """kernel.md's formula, one scalar at a time (tiny sizes only)."""
+    """docs/kernel.md's formula, one scalar at a time (tiny sizes only)."""
     B, S, M, D = value.shape
     _, Q, _, L, P, _ = loc.shape
     out = torch.zeros(B, Q, M, D, dtype=value.dtype)

@@ -1,4 +1,4 @@
-"""MMFS and its deformable-attention op: the op against the formula of kernel.md, gradients, and the module's semantics
+"""MMFS and its deformable-attention op: the op against the formula of docs/kernel.md, gradients, and the module's semantics
 (visibility, joint softmax, image recency, null key, batch independence, adapter mode, pre-projected values); on
 packed rows, the gathered path (each token samples only the images it sees) against the masked computation it
 replaced, forward and gradients, through the torch op and through the kernel's CPU build."""
@@ -22,7 +22,7 @@ from mmfs import MMFS, deform_attn, deform_attn_reference, image_recency, level_
 
 
 def bilinear(V, x, y):
-    """V [H, W, C] at normalised (x, y) by the formula of kernel.md: h = y*H - 0.5, w = x*W - 0.5, bilinear between
+    """V [H, W, C] at normalised (x, y) by the formula of docs/kernel.md: h = y*H - 0.5, w = x*W - 0.5, bilinear between
     the four surrounding pixels, a pixel outside [0,H) x [0,W) counting as zero."""
     H, W, C = V.shape
     h, w = float(y) * H - 0.5, float(x) * W - 0.5
@@ -173,7 +173,7 @@ def inputs(B=2, Q=4, N=3, seed=0, dim=12, vdim=10):
 
 @torch.no_grad()
 def loop_mmfs(m, query, ref, value, shapes, visible):
-    """official.md's MMFS written out for one query and one visible image at a time (invisible images are skipped,
+    """docs/official.md's MMFS written out for one query and one visible image at a time (invisible images are skipped,
     not masked): per-image query Linear(q) + E[relpos], offsets and logits per (image, head, level, point), one
     softmax per head over everything plus the null key (logit 0, zero value), output projection."""
     B, Q, _ = query.shape

@@ -34,7 +34,7 @@ def randomize(model, seed):  # diffusers zero-initialises some outputs; random v
     return model.eval()
 
 
-# --- inverse of the single-file key map of weights.md (diffusers name -> original LDM name), written here ---------
+# --- inverse of the single-file key map of unet.py (diffusers name -> original LDM name), written here ---------
 RES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
        "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 
