@@ -71,7 +71,8 @@ def test_text_encoder_deterministic_from_its_files(tmp_path):
         te.embed.weight.add_(1.0)
     again = tiny_sd.TextEncoder.from_pretrained(tmp_path)
     assert torch.equal(again.encode(captions), tiny_sd.TextEncoder(seed=3).encode(captions))
-    assert torch.equal(again.encode(captions), tiny_sd.TextEncoder.from_pretrained(tmp_path / "text_encoder").encode(captions))
+    folder_itself = tiny_sd.TextEncoder.from_pretrained(tmp_path / "text_encoder")
+    assert torch.equal(again.encode(captions), folder_itself.encode(captions))
     assert not torch.equal(again.encode(captions), te.encode(captions))
     assert not any(p.requires_grad for p in again.parameters())
 
@@ -82,8 +83,8 @@ def test_text_encoder_reads_text_only():
                               "bottom middle": ("white", "triangle")})
     with pytest.raises(TypeError):
         te.encode([scene])  # a scene's labels are not an input
-    c = te.encode([world.caption(scene),  # canonical order, and the same objects listed in another order
-                   "a white triangle in the bottom middle, a red circle in the top left and a blue square in the centre."])
+    other_order = "a white triangle in the bottom middle, a red circle in the top left and a blue square in the centre."
+    c = te.encode([world.caption(scene), other_order])
     assert torch.equal(c[0, [0, 1, 2]], c[1, [1, 2, 0]]) and torch.equal(c[0, 3:], c[1, 3:])
     # one token per object, the rest padding; LayerNorm output: zero mean, unit scale per token
     empty = te.encode([""])
@@ -95,3 +96,11 @@ def test_text_encoder_reads_text_only():
     phrases = [f"a {c} {s} in the {cell}." for c in world.COLOURS for s in world.SHAPES for cell in world.CELLS]
     tokens = te.encode(phrases)[:, 0]
     assert torch.cdist(tokens, tokens).add(torch.eye(len(phrases)) * 1e9).min() > 1.0
+
+
+def test_shipped_tiny_sd_draws_held_out_captions():
+    if not (SHIPPED / "unet").is_dir():
+        pytest.skip("assets/tiny-sd not built")
+    net, sched = UNet.from_pretrained(SHIPPED), NoiseSchedule.from_pretrained(SHIPPED)
+    scores = tiny_sd.evaluate(net, sched, tiny_sd.TextEncoder.from_pretrained(SHIPPED), n=6, seed=1)
+    assert scores["g1"]["object_acc"] >= 0.9 and scores["g2"]["object_acc"] >= 0.9, scores
