@@ -528,9 +528,10 @@ class MMI(nn.Module):
         return (dec_values[prev.clamp(min=0)][:, None], shapes), prev >= 0
 
     # --- the whole model ----------------------------------------------------------------------------------------
-    def hidden_states(self, tokens, images=None, doc_ids=None):
-        """tokens [B, T], images [N, 3, H, W] in [0, 1] (one per BoI, row-major) -> (final LLM states [B, T, D],
-        the ImageLayout, the decoder's MMFS values: (all four adapter levels [N, S, Dv], shapes) or None)."""
+    def llm_inputs(self, tokens, images=None, doc_ids=None):
+        """tokens [B, T], images [N, 3, H, W] in [0, 1] (one per BoI, row-major) -> (input embeddings [B, T, D], the
+        LLM's VisualContext or None, the ImageLayout, the decoder's MMFS values: (all four adapter levels
+        [N, S, Dv], shapes) or None)."""
         lay = self.layout(tokens, doc_ids)
         N = lay.rows.shape[0]
         if (0 if images is None else images.shape[0]) != N:
@@ -540,8 +541,12 @@ class MMI(nn.Module):
             emb, maps = self.encode_images(images)
             ctx = self.visual_context(lay, *self.flatten_maps(maps[1:]), tokens.shape[0])  # levels 32/16/8 px
             dec = self.flatten_maps(maps)                                                  # all four levels
-        h = self.llm.forward_hidden(embeds=self.embed(tokens, emb), ctx=ctx)              # (B, T, D)
-        return h, lay, dec
+        return self.embed(tokens, emb), ctx, lay, dec
+
+    def hidden_states(self, tokens, images=None, doc_ids=None):
+        """-> (final LLM states [B, T, D], the ImageLayout, the decoder's MMFS values), as llm_inputs."""
+        x, ctx, lay, dec = self.llm_inputs(tokens, images, doc_ids)
+        return self.llm.forward_hidden(embeds=x, ctx=ctx), lay, dec                       # (B, T, D)
 
     def forward(self, batch, draws=None):
         """The two losses of the paper (section 3.3): next-token cross-entropy on text, and the diffusion loss of

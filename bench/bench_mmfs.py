@@ -139,12 +139,8 @@ def bench_packed(args):
     ds = data.SyntheticDataset(model.tok, model.cfg.n_image_tokens, args.seq_len, image_size=model.cfg.image_size)
     batch = ds.batch(0, args.batch_size)
     tokens = batch["tokens"]
-    lay = model.layout(tokens, batch["doc_ids"])
     with torch.no_grad():
-        emb, maps = model.encode_images(batch["images"])
-        values, shapes = model.flatten_maps(maps[1:])
-        ctx = model.visual_context(lay, values, shapes, tokens.shape[0])
-        x = model.embed(tokens, emb)
+        x, ctx, _, _ = model.llm_inputs(tokens, batch["images"], batch["doc_ids"])
     vis = ctx.visible
     print(f"packed: tiny LLM, batch {tuple(tokens.shape)}, {len(batch['images'])} images, at most {vis.shape[-1]} "
           f"per row; (token, image) pairs visible: {int(vis.sum())} of {vis.numel()} "

@@ -134,12 +134,8 @@ def bench_mmfs(args):
         seq = args.seq_len if name == "tiny" else 512
         batch = tiny_batch(model, tok, args.batch_size if name == "tiny" else 2, seq)  # tiny: as in training
         tokens = batch["tokens"]
-        lay = model.layout(tokens, batch["doc_ids"])
         with torch.no_grad():
-            emb, maps = model.encode_images(batch["images"])
-            values, shapes = model.flatten_maps(maps[1:])
-            ctx = model.visual_context(lay, values, shapes, tokens.shape[0])
-            x = model.embed(tokens, emb)
+            x, ctx, _, _ = model.llm_inputs(tokens, batch["images"], batch["doc_ids"])
             inserted = {i: b.inserted for i, b in enumerate(model.llm.layers) if b.inserted is not None}
             with_mmfs = timeit(lambda: model.llm.forward_hidden(embeds=x, ctx=ctx), args.n)
             for i in inserted:

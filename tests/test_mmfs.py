@@ -502,9 +502,8 @@ def test_packed_rows_cover_the_cases():
     assert PACKED[0, 9:, 2].all() and not PACKED[0, 9:, :2].any()                    # the other document's image
 
 
-@pytest.mark.parametrize("config", CONFIGS)
-def test_gathered_visible_images_match_the_masked_computation(config):
-    m = tiny_mmfs(**CONFIGS[config])
+def assert_matches_masked(m):
+    """m on the packed rows == the masked computation, forward and gradients (queries, values, parameters)."""
     q, ref, v = packed_inputs()
     out, masked = m(q, ref, v, SHAPES, PACKED), masked_mmfs(m, q, ref, v, SHAPES, PACKED)
     torch.testing.assert_close(out, masked, rtol=1e-10, atol=1e-12)
@@ -512,6 +511,12 @@ def test_gathered_visible_images_match_the_masked_computation(config):
     params = [q, v, *m.parameters()]
     for got, want in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(masked, params, g)):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_gathered_visible_images_match_the_masked_computation(config):
+    m = tiny_mmfs(**CONFIGS[config])
+    assert_matches_masked(m)
 
 
 def test_gathered_path_in_fp32_stays_within_float_tolerance():
@@ -563,10 +568,4 @@ def test_kernel_route_matches_the_masked_computation(monkeypatch):
     kernels = pytest.importorskip("kernels")
     monkeypatch.setattr(mmfs, "deform_attn", kernels.cpu_emulated_deform_attn)
     m = tiny_mmfs()
-    q, ref, v = packed_inputs()
-    out, masked = m(q, ref, v, SHAPES, PACKED), masked_mmfs(m, q, ref, v, SHAPES, PACKED)
-    torch.testing.assert_close(out, masked, rtol=1e-10, atol=1e-12)
-    g = torch.randn_like(out)
-    params = [q, v, *m.parameters()]
-    for got, want in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(masked, params, g)):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert_matches_masked(m)
