@@ -10,6 +10,7 @@ images it sees (image_atlas): the work scales with those, not with the images of
 
     deform_attn            the op, in Deformable-DETR layouts; the CUDA kernel of kernels/ on GPU tensors
     deform_attn_reference  the same op in pure torch (F.grid_sample); the definition the kernel is tested against
+    deform_attn_cpu        the same op, laid out for speed on CPU tensors (what deform_attn runs on the CPU)
     image_atlas            (token, image) pairs that each read one of many images -> one call of the op
     MMFS                   the module; its three uses in MM-Interleaved (docs/official.md):
       LLM      MMFS(5120, 1024, n_heads=16, n_levels=3, n_points=8, head_dim=64, offset_init=3, max_images=50,
@@ -63,18 +64,12 @@ def deform_attn_reference(value, spatial_shapes, level_start_index, sampling_loc
     """
     B, S, M, D = value.shape
     _, Q, _, L, P, _ = sampling_locations.shape
-    shapes = [tuple(hw) for hw in spatial_shapes.tolist()]
+    _, groups = _level_groups(spatial_shapes, S, L)                     # (H, W) -> levels of that shape
     starts = level_start_index.tolist()
-    if len(shapes) != L or S != sum(h * w for h, w in shapes):
-        raise ValueError(f"deform_attn: value has {S} positions and locations {L} levels, "
-                         f"but spatial_shapes is {shapes}")
     out_dtype = value.dtype
     dtype = torch.promote_types(value.dtype, sampling_locations.dtype)  # never sample at bf16-rounded locations
     value, weights = value.to(dtype), attention_weights.to(dtype)
     grid = 2 * sampling_locations.to(dtype) - 1                         # grid_sample's [-1, 1] convention
-    groups = {}                                                         # (H, W) -> levels of that shape
-    for l, hw in enumerate(shapes):
-        groups.setdefault(hw, []).append(l)
 
     out = 0
     for (H, W), levels in groups.items():
@@ -97,6 +92,52 @@ def _sample_levels(value, starts, H, W, levels, grid, weights):
     return weighted.sum(-1).view(B, M, k, D, Q).sum(2)
 
 
+def deform_attn_cpu(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """deform_attn_reference (same arguments, same result to float rounding), faster on CPUs: at the tiny model's
+    shapes forward 1.3-2x, forward+backward 1.04-1.4x (bench/bench_mmfs.py --case=tiny). Two layout changes:
+      - the points go in grid_sample's row axis and the queries in its column axis: grid [B*M*k, P, Q, 2], samples
+        [B*M*k, D, P, Q]. grid_sample's CPU kernels vectorise along an output row, which is then Q long instead of
+        P (2-8) long, and the weighting and the sum over points run along contiguous Q, not a short last axis.
+      - levels are taken with split (one concatenation in backward) instead of per-level slices or indexing,
+        each of which autograd answers with a zero-filled gradient of the whole input.
+    (A dense form, per level the matrix of bilinear weights [Q, H*W] times the values, is exact too, but was 2-12x
+    slower on the tiny model's maps, down to 2x2: building the weights costs more than grid_sample.)"""
+    B, S, M, D = value.shape
+    _, Q, _, L, P, _ = sampling_locations.shape
+    shapes, groups = _level_groups(spatial_shapes, S, L)
+    out_dtype = value.dtype
+    dtype = torch.promote_types(value.dtype, sampling_locations.dtype)  # never sample at bf16-rounded locations
+    grid = (2 * sampling_locations.to(dtype) - 1).permute(0, 2, 3, 4, 1, 5)      # (B, M, L, P, Q, 2)
+    weights = attention_weights.to(dtype).permute(0, 2, 3, 4, 1)                   # (B, M, L, P, Q)
+    order = [l for levels in groups.values() for l in levels]                      # levels, group after group
+    if order != list(range(L)):  # same-shape levels apart (several images): one gather puts them together
+        grid, weights = grid[:, :, order], weights[:, :, order]
+    sizes = [len(levels) for levels in groups.values()]
+    values = value.to(dtype).split([h * w for h, w in shapes], 1)                  # per level (B, H*W, M, D)
+    out = 0
+    for ((H, W), levels), g, a in zip(groups.items(), grid.split(sizes, 2), weights.split(sizes, 2)):
+        k = len(levels)
+        v = torch.stack([values[l] for l in levels], 1).permute(0, 3, 1, 4, 2).reshape(B * M * k, D, H, W)
+        sampled = F.grid_sample(v, g.reshape(B * M * k, P, Q, 2), mode="bilinear", padding_mode="zeros",
+                                align_corners=False)                              # (B*M*k, D, P, Q)
+        a = a.reshape(B * M * k, 1, P, Q)
+        weighted = sampled * a if sampled.requires_grad else sampled.mul_(a)      # in place when autograd is off
+        out = out + weighted.sum(2).view(B, M, k, D, Q).sum(2)                    # (B, M, D, Q)
+    return out.permute(0, 3, 1, 2).reshape(B, Q, M * D).to(out_dtype)
+
+
+def _level_groups(spatial_shapes, S, L):
+    """-> [(H, W)] per level, {(H, W): [levels of that shape]}; checks them against S positions and L levels."""
+    shapes = [tuple(hw) for hw in spatial_shapes.tolist()]
+    if len(shapes) != L or S != sum(h * w for h, w in shapes):
+        raise ValueError(f"deform_attn: value has {S} positions and locations {L} levels, "
+                         f"but spatial_shapes is {shapes}")
+    groups = {}
+    for l, hw in enumerate(shapes):
+        groups.setdefault(hw, []).append(l)
+    return shapes, groups
+
+
 _kernel_failed = False  # set once the CUDA kernel could not be imported or built: we stop trying
 
 
@@ -113,7 +154,8 @@ def _kernel_unavailable(err):
 
 def deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     """The op of deform_attn_reference (same arguments and result). CUDA tensors run the kernel of kernels/ unless
-    MMI_DEFORM_REFERENCE=1; if that kernel cannot be imported or built we warn once and use the reference."""
+    MMI_DEFORM_REFERENCE=1; if that kernel cannot be imported or built we warn once and use the reference. CPU
+    tensors run deform_attn_cpu (never slower at the shapes measured), unless MMI_DEFORM_REFERENCE=1."""
     args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     if _wants_kernel(value):
         try:
@@ -125,6 +167,8 @@ def deform_attn(value, spatial_shapes, level_start_index, sampling_locations, at
                 return kernels.cuda_deform_attn(*args, reference=deform_attn_reference)
             except kernels.KernelUnavailable as e:
                 _kernel_unavailable(e)
+    if value.device.type == "cpu" and os.environ.get("MMI_DEFORM_REFERENCE") != "1":
+        return deform_attn_cpu(*args)
     return deform_attn_reference(*args)
 
 
@@ -336,7 +380,11 @@ class MMFS(nn.Module):
         value; together they weigh exactly as much as the single zero-value key of logit 0 used here."""
         *lead, N, _ = logits.shape
         M, L, P = self.n_heads, self.n_levels, self.n_points
-        logits = logits.unflatten(-1, (M, L * P)).transpose(-3, -2).reshape(*lead, M, N * L * P)
+        # The softmax axis goes first, (N*L*P, *lead, M), and the result comes back as a view: torch's CPU softmax
+        # over a short last axis (9 entries in the tiny U-Net) is ~10x slower than over a first axis, where it is
+        # vectorised along the many (token, head) behind it. Same values (the sum's order may differ by an ulp).
+        logits = logits.unflatten(-1, (M, L * P)).movedim((-3, -1), (0, 1)).reshape(N * L * P, *lead, M)
         if self.null_slot:
-            logits = torch.cat([logits, logits.new_zeros(*lead, M, 1)], -1)
-        return logits.softmax(-1)[..., :N * L * P].view(*lead, M, N, L, P)  # the null key's value is zero: drop it
+            logits = torch.cat([logits, logits.new_zeros(1, *lead, M)])
+        weights = logits.softmax(0)[:N * L * P]                 # the null key's value is zero: drop it
+        return weights.view(N, L, P, *lead, M).movedim((0, 1, 2), (-3, -2, -1))

@@ -15,6 +15,10 @@ Cases (batch 1, 16 heads x 64 channels, 8 points, fp32):
     packed  the tiny model (mmi.py), LLM forward on --batch_size rows of --seq_len tokens of the synthetic world, as
           in training: without MMFS, with MMFS (and with the MMFS module of --baseline), forward and forward+backward;
           medians of process-CPU time over --repeats interleaved runs (a loaded machine slows all variants alike)
+    tiny  the op at the shapes of the tiny training step (bench_mmi.py: batch 4 x 128): U-Net taps, ViT-Adapter, the
+          LLM's packed atlas; deform_attn_reference vs deform_attn_cpu (what deform_attn runs on CPUs), forward and
+          forward+backward, interleaved in one process (medians of process-CPU time); with --baseline, also a U-Net
+          tap's MMFS module (forward+backward) with the MMFS class of that revision
 """
 import argparse
 import json
@@ -181,9 +185,64 @@ def bench_packed(args):
     run("mmfs", False)  # leave the model as built
 
 
+# (B, Q, M, D, P, levels) of the op's calls in one tiny training step
+TINY = {"unet tap 32x32": (4, 1024, 4, 16, 2, [16, 8, 4, 2]), "unet tap 16x16": (4, 256, 4, 16, 2, [16, 8, 4, 2]),
+        "unet tap 8x8": (4, 64, 4, 16, 2, [16, 8, 4, 2]), "adapter": (15, 84, 4, 8, 4, [8, 4, 2]),
+        "llm atlas": (1, 437, 4, 16, 6, [(51, 63)])}
+
+
+def bench_tiny(args):
+    def inputs(B, Q, M, D, P, levels):
+        g = torch.Generator().manual_seed(0)
+        shapes = torch.tensor([s if isinstance(s, tuple) else (s, s) for s in levels])
+        S, L = int((shapes[:, 0] * shapes[:, 1]).sum()), len(shapes)
+        return (torch.randn(B, S, M, D, generator=g), shapes, mmfs.level_starts(shapes),
+                0.5 + 0.3 * torch.randn(B, Q, M, L, P, 2, generator=g), torch.rand(B, Q, M, L, P, generator=g))
+
+    def timed(fn, grad):  # process-CPU ms of one call (forward, or forward + backward)
+        c0 = time.process_time()
+        with torch.set_grad_enabled(grad):
+            out = fn()
+            if grad:
+                out.sum().backward()
+        return 1e3 * (time.process_time() - c0)
+
+    impls = {"reference": mmfs.deform_attn_reference, "cpu": mmfs.deform_attn_cpu}
+    print(f"tiny: op at the tiny step's shapes, threads={args.threads}, medians of {args.repeats or 21} interleaved "
+          "runs, process-CPU ms")
+    for name, shape in TINY.items():
+        for grad in (False, True):
+            x = [t.requires_grad_(grad) if t.is_floating_point() else t for t in inputs(*shape)]
+            ms = {k: [] for k in impls}  # interleaved: a loaded machine slows both alike
+            for _ in range(args.repeats or 21):
+                for k, f in impls.items():
+                    ms[k].append(timed(lambda f=f: f(*x), grad))
+            ms = {k: statistics.median(v) for k, v in ms.items()}
+            print(f"  {name:15} {'fwd+bwd' if grad else 'fwd':7} reference {ms['reference']:6.2f}  cpu "
+                  f"{ms['cpu']:6.2f}  speed-up {ms['reference'] / ms['cpu']:.2f}x", flush=True)
+    if args.baseline:  # the U-Net's first tap as a module: the op and MMFS.forward's own work (heads, softmax)
+        torch.manual_seed(0)
+        m = mmfs.MMFS(32, 64, 4, 4, 2, head_dim=16, offset_init=1, max_images=1, base_grid=(32, 32))
+        q = torch.randn(4, 1024, 32, requires_grad=True)
+        v, shapes = torch.randn(4, 1, 340, 64), torch.tensor([[16, 16], [8, 8], [4, 4], [2, 2]])
+        ref, vis = mmfs.pixel_centres(32, 32), torch.ones(4, 1024, 1, dtype=torch.bool)
+        classes = {"mmfs": mmfs.MMFS, f"mmfs@{args.baseline}": load_baseline(args.baseline).MMFS}
+        for grad in (False, True):
+            ms = {k: [] for k in classes}
+            for _ in range(args.repeats or 21):
+                for k, cls in classes.items():
+                    m.__class__ = cls
+                    ms[k].append(timed(lambda: m(q, ref, v, shapes, vis), grad))
+            ms = {k: statistics.median(t) for k, t in ms.items()}
+            new, old = ms["mmfs"], ms[f"mmfs@{args.baseline}"]
+            print(f"  unet tap MMFS module {'fwd+bwd' if grad else 'fwd':7} with mmfs@{args.baseline} {old:6.2f}  "
+                  f"with mmfs {new:6.2f}  speed-up {old / new:.2f}x", flush=True)
+        m.__class__ = mmfs.MMFS
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--case", choices=[*CASES, "packed", "all"], default="all")
+    ap.add_argument("--case", choices=[*CASES, "packed", "tiny", "all"], default="all")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, help="timed runs (default: 3 per op case, 21 for packed)")
@@ -199,6 +258,8 @@ def main():
         return
     if a.case == "packed":
         return bench_packed(a)
+    if a.case == "tiny":
+        return bench_tiny(a)
     repeats = a.repeats or 3
     check_agreement(a.device)
     impls = ["grouped", "naive"] + (["dispatch"] if a.device == "cuda" else []) + (["baseline"] if a.baseline else [])

@@ -8,6 +8,7 @@ Benchmarks of the assembled model (mmi.py) on the CPU:
 
     python bench/bench_mmi.py                       # all, 1 thread (the shared test machine), ~2-4 min
     python bench/bench_mmi.py --threads=2 --only=mmfs
+    python bench/bench_mmi.py --only=step --n=9 --baseline=HEAD~1   # training step before/after mmfs.py changes
 """
 import argparse
 import json
@@ -57,6 +58,26 @@ def bench_step(args):
         out["loss"].backward()
         opt.step()
     total = timeit(step, args.n)
+    if args.baseline:  # before/after in this process: every MMFS module (LLM, U-Net taps, adapter) as of the revision
+        import mmfs
+        from bench_mmfs import load_baseline
+        classes = {"mmfs": mmfs.MMFS, f"mmfs@{args.baseline}": load_baseline(args.baseline).MMFS}
+        modules = [m for m in model.modules() if isinstance(m, mmfs.MMFS)]
+        ms = {k: [] for k in classes}
+        for _ in range(args.n):  # interleaved: a loaded machine slows both alike
+            for k, cls in classes.items():
+                for m in modules:
+                    m.__class__ = cls
+                c0 = time.process_time()  # process-CPU time: steadier than wall time on a shared machine
+                step()
+                ms[k].append(1000 * (time.process_time() - c0))
+        for m in modules:
+            m.__class__ = mmfs.MMFS
+        ms = {k: sorted(v)[len(v) // 2] for k, v in ms.items()}
+        base = ms[f"mmfs@{args.baseline}"]
+        print(f"training step, interleaved medians of {args.n} (process-CPU ms): with mmfs@{args.baseline} {base:.0f} ms, with mmfs "
+              f"{ms['mmfs']:.0f} ms ({ms['mmfs'] / base:.2f}x)")
+        args.step_cpu_ms = ms["mmfs"], base
 
     # components, each forward + backward on detached inputs
     images, tokens = batch["images"], batch["tokens"]
@@ -175,6 +196,8 @@ if __name__ == "__main__":
     ap.add_argument("--seq_len", type=int, default=128)
     ap.add_argument("--n", type=int, default=3, help="timed repetitions")
     ap.add_argument("--only", choices=["step", "generate", "mmfs"], default=None)
+    ap.add_argument("--baseline", help="git revision: also time the training step with mmfs.py's MMFS of that "
+                    "revision, interleaved in this process (e.g. HEAD~1)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), load average {os.getloadavg()[0]:.1f}")
@@ -182,6 +205,8 @@ if __name__ == "__main__":
     summary = {}
     if args.only in (None, "step"):
         model, tok, summary["step_ms"] = bench_step(args)
+        if args.baseline:
+            summary["step_cpu_ms"], summary["step_cpu_ms_baseline"] = args.step_cpu_ms
     if args.only in (None, "generate"):
         summary["text_tokens_per_s"] = bench_generate(args, model, tok)
     if args.only in (None, "mmfs"):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import mmfs
-from mmfs import MMFS, deform_attn, deform_attn_reference, image_recency, level_starts, pixel_centres
+from mmfs import MMFS, deform_attn, deform_attn_cpu, deform_attn_reference, image_recency, level_starts, pixel_centres
 
 
 # -----------------------------------------------------------------------------
@@ -111,10 +111,58 @@ def test_reference_gradcheck():
     assert torch.autograd.gradcheck(lambda v, l, a: deform_attn_reference(v, ss, starts, l, a), (value, loc, w))
 
 
-def test_deform_attn_uses_reference_on_cpu_and_when_forced(monkeypatch):
-    value, ss, starts, loc, w = make_op_inputs()
-    assert torch.equal(deform_attn(value, ss, starts, loc, w), deform_attn_reference(value, ss, starts, loc, w))
+def cpu_path_inputs(seed):
+    """Op inputs for deform_attn_cpu vs the reference: batch 2, 3 points, levels of different shapes (non-square, a
+    1-pixel-wide one) repeated over 2 images (so same-shape levels are apart), locations inside, outside, exactly on
+    the map's edges (0, 1), on pixel centres and on grid lines (integer pixel coordinates, where the bilinear
+    gradient jumps: both must take grid_sample's side)."""
+    value, ss, starts, loc, w = make_op_inputs(B=2, Q=7, M=2, D=3, P=3, shapes=((4, 5), (2, 3), (3, 1)), images=2,
+                                               seed=seed)
+    size = ss.flip(-1).to(loc.dtype).view(1, 1, 1, len(ss), 1, 2)                  # (W, H) per level
+    edges = torch.tensor([0.0, 1.0, -1.0, 2.0], dtype=loc.dtype)
+    loc[:, 0] = edges[torch.randint(0, 4, loc[:, 0].shape, generator=torch.Generator().manual_seed(seed))]
+    loc[:, 1] = ((loc[:, 1] * size).floor() + 0.5) / size.squeeze(1)                 # pixel centres
+    loc[:, 2] = (loc[:, 2] * size).round() / size.squeeze(1)                          # grid lines
+    return value, ss, starts, loc, w
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cpu_path_matches_the_reference_forward_and_gradients(seed):
+    value, ss, starts, loc, w = cpu_path_inputs(seed)
+    for t in (value, loc, w):
+        t.requires_grad_(True)
+    ref, out = deform_attn_reference(value, ss, starts, loc, w), deform_attn_cpu(value, ss, starts, loc, w)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ref)
+    for got, want in zip(torch.autograd.grad(out, (value, loc, w), g), torch.autograd.grad(ref, (value, loc, w), g)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_cpu_path_without_grad_mixed_precision_and_errors():
+    value, ss, starts, loc, w = cpu_path_inputs(3)
+    with torch.no_grad():  # the in-place weighting
+        torch.testing.assert_close(deform_attn_cpu(value, ss, starts, loc, w),
+                                   deform_attn_reference(value, ss, starts, loc, w), rtol=1e-12, atol=1e-12)
+    v16, loc32, w32 = value.bfloat16(), loc.float(), w.float()
+    out = deform_attn_cpu(v16, ss, starts, loc32, w32)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, deform_attn_reference(v16, ss, starts, loc32, w32))
+    with pytest.raises(ValueError, match="spatial_shapes"):
+        deform_attn_cpu(value[:, 1:], ss, starts, loc, w)
+
+
+def test_deform_attn_uses_the_cpu_path_on_cpu_and_the_reference_when_forced(monkeypatch):
+    calls = []
+    for name in ("deform_attn_cpu", "deform_attn_reference"):
+        monkeypatch.setattr(mmfs, name, lambda *a, name=name, f=getattr(mmfs, name): calls.append(name) or f(*a))
+    args = make_op_inputs()
+    deform_attn(*args)
+    monkeypatch.setenv("MMI_DEFORM_REFERENCE", "1")
+    deform_attn(*args)
+    assert calls == ["deform_attn_cpu", "deform_attn_reference"]
+    monkeypatch.delenv("MMI_DEFORM_REFERENCE")
     monkeypatch.setattr(mmfs, "_kernel_failed", False)
+    value = args[0]
     assert not mmfs._wants_kernel(value)                                      # CPU tensor
     gpu_like = types.SimpleNamespace(is_cuda=True)
     assert mmfs._wants_kernel(gpu_like)
