@@ -31,7 +31,7 @@ def generate(model: MMI, prompt, max_new_tokens=90, max_images=4, begin_image=Fa
     vision tower (through 8 bits, as a saved picture: official), put it in context and go on; stop at </s>, after
     max_new_tokens tokens of one text call (the text between two images; official 90), at max_images images
     (max_images=0: text only, BoI stops), or once the text since the last image contains `stop_at` (e.g. "." ends an
-    answer with its sentence). sampling: SAMPLING's keys (temperature 0 = greedy).
+    answer with its sentence) unless the very next token is BoI (a story's sentence gets its picture). sampling: SAMPLING's keys (temperature 0 = greedy).
     timings: a dict that receives "image_s", the seconds spent drawing images.
     Returns the generated items: str and image tensors [3, H, W] in [0, 1]."""
     unknown = sampling.keys() - SAMPLING.keys()
@@ -44,7 +44,7 @@ def generate(model: MMI, prompt, max_new_tokens=90, max_images=4, begin_image=Fa
     for img in images:
         s.add_image(img)
     logits = s.feed(ids)
-    out, text, n_img = [], [], 0
+    out, text, n_img, ended = [], [], 0, False  # ended: the text holds stop_at; only a BoI may follow
     while True:
         if begin_image and not out and not text:
             nxt = cfg.boi_id
@@ -56,7 +56,7 @@ def generate(model: MMI, prompt, max_new_tokens=90, max_images=4, begin_image=Fa
             prev = torch.tensor(text, device=logits.device)[None] if penalised else None
             nxt = int(sample_next(logits[None], opts["temperature"], opts["top_k"], opts["top_p"],
                                   opts["repetition_penalty"], prev, generator))
-        if nxt == tok.eos_id:
+        if nxt == tok.eos_id or (ended and nxt != cfg.boi_id):
             break
         if nxt == cfg.boi_id:
             if n_img >= max_images or len(s.tokens) + 2 + cfg.n_image_tokens > s.max_len:
@@ -70,13 +70,14 @@ def generate(model: MMI, prompt, max_new_tokens=90, max_images=4, begin_image=Fa
             if timings is not None:
                 timings["image_s"] = timings.get("image_s", 0.0) + time.time() - t0
             out.append(img)
-            n_img += 1
+            n_img, ended = n_img + 1, False
             s.add_image((img * 255).round() / 255)
             logits = s.feed([cfg.image_id] * cfg.n_image_tokens)
             continue
         text.append(nxt)
-        if len(text) >= max_new_tokens or len(s.tokens) + 1 > s.max_len or (stop_at and stop_at in tok.decode(text)):
+        if len(text) >= max_new_tokens or len(s.tokens) + 1 > s.max_len:
             break
+        ended = bool(stop_at) and stop_at in tok.decode(text)
         logits = s.feed([nxt])
     if text:
         out.append(tok.decode(text))

@@ -12,7 +12,9 @@ Generate interleaved text and images with MM-Interleaved; writes the images (PNG
         --device=cuda --dtype=float16 --prompt_file=my_prompt.txt   # the authors' released checkpoint
 
 Prompt syntax: text with images as <img:path> (paths relative to the prompt file, or to the current folder for
---prompt). The model continues after the end of the prompt; a final bare <img> makes it start with an image.
+--prompt). The model continues after the end of the prompt; a bare <img> makes it draw a picture there (at the end:
+it starts with an image; in the middle: the prompt's text goes on after the model's picture, so
+"<img:a.png> x. <img> y. <img>" draws two pictures in a row, the second editing the model's own first).
 A prompt file may hold several prompts separated by lines "---"; a first line "# title" names a prompt.
 Text is greedy by default (temperature 0) and stops at the end of its first sentence (--stop_at): the world's
 captions and answers are one sentence, and its question documents hold 1-3 question / answer pairs, so without a
@@ -97,16 +99,17 @@ IMG = re.compile(r"<img(?::([^>]*))?>")
 
 
 def parse_prompt(text, root, title):
-    items, draw_first = [], False
-    pos = 0
+    """-> (title, segments): each segment a list of items (str / PIL image) and whether the model then draws (a bare
+    <img>). "<img:a.png> x. <img> y. <img>" -> [([a, "x."], True), (["y."], True)]: two pictures in a row, the second
+    drawn after the model's own first one."""
+    segments, items, pos = [], [], 0
     for m in IMG.finditer(text):
         if text[pos:m.start()].strip():
             items.append(text[pos:m.start()].strip())
         pos = m.end()
-        if m[1] is None:  # bare <img>: the model draws here; only meaningful at the end
-            if text[pos:].strip():
-                fail(f"a bare <img> (draw an image) must end the prompt: {text.strip()!r}")
-            draw_first = True
+        if m[1] is None:  # bare <img>: the model draws here
+            segments.append((items, True))
+            items = []
             continue
         path = (root / m[1].strip())
         if not path.is_file():
@@ -118,9 +121,11 @@ def parse_prompt(text, root, title):
             fail(f"cannot read prompt image {path}: {e}")
     if text[pos:].strip():
         items.append(text[pos:].strip())
-    if not items:
+    if items or not segments:
+        segments.append((items, False))
+    if not any(items for items, _ in segments):
         fail("empty prompt")
-    return title, items, draw_first
+    return title, segments
 
 
 if args.prompt is not None and not args.prompt.strip():
@@ -192,27 +197,38 @@ def save_png(img, name):
 
 
 sections, n_tokens, n_images, text_time, img_time = [], 0, 0, 0.0, 0.0
-for i, (title, items, draw_first) in enumerate(prompts):
-    timings, t = {}, time.time()
-    result = generate(model, items, max_new_tokens=args.max_new_tokens, max_images=args.max_images,
-                      begin_image=draw_first, generator=gen, timings=timings, temperature=args.temperature,
+def run(context, draw, last):
+    """Continue `context` (drawing first if `draw`); a picture the prompt's text follows is the only output kept."""
+    timings = {}
+    result = generate(model, context, max_new_tokens=args.max_new_tokens, max_images=args.max_images if last else 1,
+                      begin_image=draw, generator=gen, timings=timings, temperature=args.temperature,
                       top_p=args.top_p, repetition_penalty=args.repetition_penalty, steps=args.steps,
                       sampler=args.sampler, guidance=args.guidance, stop_at=args.stop_at)
-    dt, image_s = time.time() - t, timings.get("image_s", 0.0)
+    return (result if last else result[:1]), timings.get("image_s", 0.0)
+
+
+for i, (title, segments) in enumerate(prompts):
+    shown, context, t, image_s = [], [], time.time(), 0.0  # shown: (item, generated)
+    for k, (items, draw) in enumerate(segments):
+        result, s = run(context + items, draw, k == len(segments) - 1)
+        image_s += s
+        shown += [(x, False) for x in items] + [(x, True) for x in result]
+        # a drawn picture goes back in as the 8-bit image it is saved as (as generate() re-encodes it)
+        context += items + [x if isinstance(x, str) else (x * 255).round() / 255 for x in result]
+    dt = time.time() - t
     text_time, img_time = text_time + dt - image_s, img_time + image_s
-    n_tokens += sum(len(tok.encode(x, bos=False)) for x in result if isinstance(x, str))
-    n_images += sum(1 for x in result if not isinstance(x, str))
+    generated = [x for x, g in shown if g]
+    n_tokens += sum(len(tok.encode(x, bos=False)) for x in generated if isinstance(x, str))
+    n_images += sum(1 for x in generated if not isinstance(x, str))
     parts = []
-    for j, x in enumerate(items + result):
-        generated = j >= len(items)
+    for j, (x, gen_) in enumerate(shown):
         if isinstance(x, str):
-            parts.append(f'<span class="{"gen" if generated else "prompt"}">{html.escape(x)}</span>')
+            parts.append(f'<span class="{"gen" if gen_ else "prompt"}">{html.escape(x)}</span>')
         else:
-            name = save_png(x, f"p{i + 1}_{j + 1}{'_gen' if generated else ''}.png")
-            parts.append(f'<img class="{"gen" if generated else "prompt"}" src="{name}" alt="{name}">')
+            name = save_png(x, f"p{i + 1}_{j + 1}{'_gen' if gen_ else ''}.png")
+            parts.append(f'<img class="{"gen" if gen_ else "prompt"}" src="{name}" alt="{name}">')
     sections.append(f"<h2>{html.escape(title)}</h2>\n<p>{' '.join(parts)}</p>")
-    shown = " | ".join(x if isinstance(x, str) else "[image]" for x in result)
-    print(f"[{title}] -> {shown}")
+    print(f"[{title}] -> " + " | ".join(x if isinstance(x, str) else "[image]" for x in generated))
 
 page = out / "index.html"
 page.write_text(f"""<!doctype html>

@@ -491,6 +491,20 @@ def test_generation_stops_at_stop_string():
     assert full.startswith(cut) and stop in cut and stop not in cut[:-1]  # stops at the token that completes it
 
 
+def test_generation_stop_string_lets_a_picture_follow(monkeypatch):
+    """stop_at ends the text unless the very next token is BoI: a story's sentence still gets its picture."""
+    model = micro(live=True)
+    tok, boi = model.tok, model.cfg.boi_id
+    a, dot = tok.encode("a", bos=False), tok.encode(".", bos=False)
+    script = iter([*a, *dot, boi, *a, *dot, boi, *a, *dot, *a])  # what the "model" samples, in order
+    monkeypatch.setattr(generate, "sample_next", lambda *args: torch.tensor([next(script)]))
+    out = generate.generate(model, ["hello"], max_images=1, stop_at=".", steps=1)
+    assert [x if isinstance(x, str) else "image" for x in out] == ["a.", "image", "a."]  # 2nd BoI: max_images
+    script = iter([*a, *dot, *a, *dot, boi])
+    out = generate.generate(model, ["hello"], max_images=1, stop_at=".", steps=1)
+    assert out == ["a."]  # not BoI after the stop: the text ends there
+
+
 def test_generation_min_length_holds_back_eos():
     model = micro(live=True)
     with torch.no_grad():
