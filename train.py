@@ -1,9 +1,11 @@
 """
 Train MM-Interleaved: the tiny model on the synthetic world (default), or the official one on real corpora.
 
-    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 train.py   # tiny preset, synthetic world: the
-        # shipped assets/tiny (seed 0, 15-25 minutes on 2 CPU cores; 2 processes of 1 thread beat 1 process of 2)
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 train.py   # tiny preset, synthetic world, on the
+        # tiny Stable Diffusion assets/tiny-sd (tiny_sd.py): the shipped assets/tiny (seed 0, ~32 minutes on 2 CPU
+        # cores; 2 processes of 1 thread beat 1 process of 2). The whole recipe from nothing: assets/make_tiny.sh
     python train.py --grad_accum=2                    # the same run in one process (same global batch), ~1.6x slower
+    python train.py --sd_path= --kinds=i2t:0.7,qa:0.1,t2i:0.1,story:0.1 --max_steps=1550   # all from scratch
     python train.py --max_steps=50 --eval_interval=25 --out_dir=out-try     # a short try
     python train.py --eval_only=True --init_from=assets/tiny --eval_n=100  # held-out scores as one JSON line
     python train.py --out_dir=out-tiny --resume=True  # continue exactly where the last checkpoint stopped
@@ -59,13 +61,13 @@ seed = 0
 resume = False
 # data: "" = the synthetic world of world.py; else comma-separated .jsonl corpora (data.CorpusDataset)
 data_paths = ""
-kinds = "i2t:0.7,qa:0.1,t2i:0.1,story:0.1"  # synthetic document mixture (documents, not compute: see README)
+kinds = "i2t:0.25,qa:0.15,t2i:0.35,story:0.25"  # synthetic document mixture (documents, not compute: see README)
 seq_len = 128              # tiny: short rows; MMFS samples every image of a row for every token of it
 batch_size = 4             # rows per micro-batch per process
 grad_accum = 1             # micro-batches per step per process; global batch = batch_size * grad_accum * world_size
 num_workers = 0
 # optimisation: AdamW on model.param_groups (per-group lr from the model config, scaled by the schedule)
-max_steps = 1550           # tiny: 15-25 minutes on 2 CPU cores (2 processes x 1 thread)
+max_steps = 2400           # tiny: ~32 minutes on 2 CPU cores (2 processes x 1 thread)
 lr = 0.0                   # 0: the model config's lr / lr_unet / lr_offsets; else one lr scales all three alike
 weight_decay = 0.01
 beta1, beta2, eps = 0.9, 0.99, 1e-8
@@ -79,11 +81,11 @@ dtype = "float32"          # "float32", "bfloat16" or "float16" (autocast; fp16 
 compile = False
 grad_checkpointing = False
 threads = 1                # torch CPU threads per process, 0 = torch's default (tiny: 1; use processes)
-# official components (preset "official"): folders for mmi.MMI.from_components. Other presets: sd_path "" trains
-# everything from scratch (the shipped assets/tiny); a tiny Stable Diffusion folder of tiny_sd.py builds on it as the
-# paper builds on SD 2.1: its U-Net frozen (--freeze_unet=False fine-tunes it), the null condition from its encoding
-# of "" (issue 16's recipe, not yet the default: see experiments/README.md)
-clip_path = llm_path = sd_path = ""
+# official components (preset "official"): folders for mmi.MMI.from_components. Other presets: sd_path, a tiny Stable
+# Diffusion folder of tiny_sd.py, is built on as the paper builds on SD 2.1: its U-Net frozen (--freeze_unet=False
+# fine-tunes it), the null condition from its encoding of ""; --sd_path="" trains everything from scratch
+clip_path = llm_path = ""
+sd_path = str(Path(__file__).resolve().parent / "assets" / "tiny-sd")
 # logging, evaluation, checkpoints
 log_interval = 10
 eval_interval = 0          # 0: evaluate once at the end
@@ -97,7 +99,7 @@ eval_sampler = SAMPLING["sampler"]    # text is greedy
 eval_guidance = SAMPLING["guidance"]
 ckpt_interval = 200        # also at the end
 PRESET_KNOBS = {  # docs/official.md: AdamW (0.9, 0.995), eps 1e-6, wd 0.05, warmup 1000, 15k steps cosine to 0, context 2048
-    "official": dict(beta2=0.995, eps=1e-6, weight_decay=0.05, warmup_steps=1000, max_steps=15000, seq_len=2048,
+    "official": dict(sd_path="", beta2=0.995, eps=1e-6, weight_decay=0.05, warmup_steps=1000, max_steps=15000, seq_len=2048,
                      schedule="cosine", min_lr_ratio=0.0, out_dir="out-official", eval_guidance=3.5, eval_steps=50,
                      eval_n=20),
 }
