@@ -121,7 +121,8 @@ def bench_generate(args, model=None, tok=None):
     n, calls = 64, []
     plain = model.llm.forward_hidden
     model.llm.forward_hidden = lambda *a, **k: calls.append(1) or plain(*a, **k)  # count LLM calls (bench only)
-    dt = timeit(lambda: generate(model, prompt, max_new_tokens=n, max_images=0, temperature=0), args.n)
+    # min_length=n: a random model would stop at whatever </s> or BoI it draws first; time exactly n tokens
+    dt = timeit(lambda: generate(model, prompt, max_new_tokens=n, max_images=0, temperature=0, min_length=n), args.n)
     del model.llm.forward_hidden
     n_tok = len(calls) // (args.n + 1)  # per run: one prefill + one call per further token
     print(f"text: {n_tok} tokens in {dt:.2f} s = {n_tok / dt:.0f} tokens/s (KV cache, greedy, after a prefill of "
