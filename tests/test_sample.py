@@ -26,11 +26,23 @@ def test_random_model_end_to_end(tmp_path):
     written = sorted(f.name for f in out.glob("*.png"))
     referenced = sorted(re.findall(r'<img [^>]*src="([^"]+)"', page))
     assert written and written == referenced
-    assert sum(name.endswith("_gen.png") for name in written) >= 2  # the demo asks for two drawings
+    assert sum(name.endswith("_gen.png") for name in written) >= 4  # the demo asks for four drawings
     assert "tokens/s" in p.stdout and "index.html" in p.stdout
-    # the demo prompts appear in order: caption, question, drawing, story
+    # the demo prompts appear in order: caption, question, drawing, story, story in two pictures
     heads = re.findall(r"<h2>(.*?)</h2>", page)
-    assert len(heads) == 4 and "caption" in heads[0] and "story" in heads[3]
+    assert len(heads) == 5 and "caption" in heads[0] and "story" in heads[3] and "two pictures" in heads[4]
+
+
+def test_a_picture_mid_prompt_then_the_prompt_goes_on(tmp_path):
+    """"x. <img> y. <img>": the model draws, the prompt's own text follows its picture, then it draws again."""
+    out = tmp_path / "s"
+    p = run(["--ckpt=random", "--prompt=a red circle in the centre. <img> the red circle turns blue. <img>",
+             "--steps=1", "--max_new_tokens=2", f"--out_dir={out}", "--guidance=1"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert sorted(f.name for f in out.glob("*.png")) == ["p1_2_gen.png", "p1_4_gen.png"]
+    page = (out / "index.html").read_text()
+    assert page.index("a red circle in the centre.") < page.index("p1_2_gen.png") \
+        < page.index("the red circle turns blue.") < page.index("p1_4_gen.png")
 
 
 def test_inline_prompt_and_trained_checkpoint_folder(tmp_path):
@@ -51,7 +63,7 @@ def test_inline_prompt_and_trained_checkpoint_folder(tmp_path):
     (["--ckpt=random", "--prompt=look <img:missing.png>"], "prompt image not found"),
     (["--ckpt=random", "--preset=huge"], "unknown preset 'huge'"),
     (["--ckpt=random", "--prompt_file=/nonexistent.txt"], "prompt file not found"),
-    (["--ckpt=random", "--prompt=<img> then text"], "must end the prompt"),
+    (["--ckpt=random", "--prompt=<img> <img>"], "empty prompt"),
 ])
 def test_clear_errors(tmp_path, args, words):
     p = run([*args, f"--out_dir={tmp_path}"], cwd=tmp_path)
