@@ -31,7 +31,8 @@ def generate(model: MMI, prompt, max_new_tokens=90, max_images=4, begin_image=Fa
     vision tower (through 8 bits, as a saved picture: official), put it in context and go on; stop at </s>, after
     max_new_tokens tokens of one text call (the text between two images; official 90), at max_images images
     (max_images=0: text only, BoI stops), or once the text since the last image contains `stop_at` (e.g. "." ends an
-    answer with its sentence) unless the very next token is BoI (a story's sentence gets its picture). sampling: SAMPLING's keys (temperature 0 = greedy).
+    answer with its sentence) unless the very next token is BoI (a story's sentence gets its picture).
+    sampling: SAMPLING's keys (temperature 0 = greedy).
     timings: a dict that receives "image_s", the seconds spent drawing images.
     Returns the generated items: str and image tensors [3, H, W] in [0, 1]."""
     unknown = sampling.keys() - SAMPLING.keys()
@@ -71,7 +72,7 @@ def generate(model: MMI, prompt, max_new_tokens=90, max_images=4, begin_image=Fa
                 timings["image_s"] = timings.get("image_s", 0.0) + time.time() - t0
             out.append(img)
             n_img, ended = n_img + 1, False
-            s.add_image((img * 255).round() / 255)
+            s.add_image(as_8bit(img))
             logits = s.feed([cfg.image_id] * cfg.n_image_tokens)
             continue
         text.append(nxt)
@@ -82,6 +83,11 @@ def generate(model: MMI, prompt, max_new_tokens=90, max_images=4, begin_image=Fa
     if text:
         out.append(tok.decode(text))
     return out
+
+
+def as_8bit(img):
+    """A drawn image [3, H, W] in [0, 1] as the 8-bit picture it is saved as: what goes back into the context."""
+    return (img * 255).round() / 255
 
 
 @torch.no_grad()

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from generate import SAMPLING, generate
+from generate import SAMPLING, as_8bit, generate
 from mmi import MMI, MMIConfig, PRESETS
 from weights import CheckpointError
 
@@ -198,9 +198,11 @@ def save_png(img, name):
 
 sections, n_tokens, n_images, text_time, img_time = [], 0, 0, 0.0, 0.0
 def run(context, draw, last):
-    """Continue `context` (drawing first if `draw`); a picture the prompt's text follows is the only output kept."""
+    """Continue `context` (drawing first if `draw`). Not the last segment: only the picture is kept (the prompt's
+    own text follows it), so one text token is the least generate() can be asked for."""
     timings = {}
-    result = generate(model, context, max_new_tokens=args.max_new_tokens, max_images=args.max_images if last else 1,
+    result = generate(model, context, max_new_tokens=args.max_new_tokens if last else 1,
+                      max_images=args.max_images if last else 1,
                       begin_image=draw, generator=gen, timings=timings, temperature=args.temperature,
                       top_p=args.top_p, repetition_penalty=args.repetition_penalty, steps=args.steps,
                       sampler=args.sampler, guidance=args.guidance, stop_at=args.stop_at)
@@ -210,23 +212,22 @@ def run(context, draw, last):
 for i, (title, segments) in enumerate(prompts):
     shown, context, t, image_s = [], [], time.time(), 0.0  # shown: (item, generated)
     for k, (items, draw) in enumerate(segments):
-        result, s = run(context + items, draw, k == len(segments) - 1)
-        image_s += s
+        result, secs = run(context + items, draw, k == len(segments) - 1)
+        image_s += secs
         shown += [(x, False) for x in items] + [(x, True) for x in result]
-        # a drawn picture goes back in as the 8-bit image it is saved as (as generate() re-encodes it)
-        context += items + [x if isinstance(x, str) else (x * 255).round() / 255 for x in result]
+        context += items + [x if isinstance(x, str) else as_8bit(x) for x in result]  # as generate() re-encodes it
     dt = time.time() - t
     text_time, img_time = text_time + dt - image_s, img_time + image_s
     generated = [x for x, g in shown if g]
     n_tokens += sum(len(tok.encode(x, bos=False)) for x in generated if isinstance(x, str))
     n_images += sum(1 for x in generated if not isinstance(x, str))
     parts = []
-    for j, (x, gen_) in enumerate(shown):
+    for j, (x, is_gen) in enumerate(shown):
         if isinstance(x, str):
-            parts.append(f'<span class="{"gen" if gen_ else "prompt"}">{html.escape(x)}</span>')
+            parts.append(f'<span class="{"gen" if is_gen else "prompt"}">{html.escape(x)}</span>')
         else:
-            name = save_png(x, f"p{i + 1}_{j + 1}{'_gen' if gen_ else ''}.png")
-            parts.append(f'<img class="{"gen" if gen_ else "prompt"}" src="{name}" alt="{name}">')
+            name = save_png(x, f"p{i + 1}_{j + 1}{'_gen' if is_gen else ''}.png")
+            parts.append(f'<img class="{"gen" if is_gen else "prompt"}" src="{name}" alt="{name}">')
     sections.append(f"<h2>{html.escape(title)}</h2>\n<p>{' '.join(parts)}</p>")
     print(f"[{title}] -> " + " | ".join(x if isinstance(x, str) else "[image]" for x in generated))
 
