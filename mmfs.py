@@ -153,19 +153,19 @@ def _kernel_unavailable(err):
 
 
 def deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    """The op of deform_attn_reference (same arguments and result). CUDA tensors run the kernel of kernels/ unless
+    """The op of deform_attn_reference (same arguments and result). CUDA tensors run the kernel of kernels/deform_attn.cu (loaded by mmfs_kernel.py) unless
     MMI_DEFORM_REFERENCE=1; if that kernel cannot be imported or built we warn once and use the reference. CPU
     tensors run deform_attn_cpu (never slower at the shapes measured), unless MMI_DEFORM_REFERENCE=1."""
     args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     if _wants_kernel(value):
         try:
-            import kernels  # lazily: CPU users never touch the CUDA build
+            import mmfs_kernel  # lazily: CPU users never touch the CUDA build
         except ImportError as e:
             _kernel_unavailable(e)
         else:
             try:
-                return kernels.cuda_deform_attn(*args, reference=deform_attn_reference)
-            except kernels.KernelUnavailable as e:
+                return mmfs_kernel.cuda_deform_attn(*args, reference=deform_attn_reference)
+            except mmfs_kernel.KernelUnavailable as e:
                 _kernel_unavailable(e)
     if value.device.type == "cpu" and os.environ.get("MMI_DEFORM_REFERENCE") != "1":
         return deform_attn_cpu(*args)

@@ -20,7 +20,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repository root
-import kernels  # noqa: E402
+import mmfs_kernel  # noqa: E402
 from mmfs import deform_attn_reference  # noqa: E402
 
 CASES = {
@@ -68,7 +68,7 @@ def run_case(name, dtype, iters):
     grad_out = torch.randn(cfg["B"], cfg["Q"], cfg["M"] * cfg["D"], device="cuda", dtype=dtype)
 
     t0 = time.perf_counter()
-    kernels.cuda_deform_attn(*args)  # first call compiles (NVRTC or nvcc) and loads the kernel
+    mmfs_kernel.cuda_deform_attn(*args)  # first call compiles (NVRTC or nvcc) and loads the kernel
     torch.cuda.synchronize()
     print(f"\n[{name}] {cfg}  dtype={dtype}  kernel build+first call {time.perf_counter() - t0:.2f} s")
 
@@ -79,14 +79,14 @@ def run_case(name, dtype, iters):
         return out, grads
 
     # agreement (fp32 atomics add in any order, so expect ~1e-6 relative, not bit equality)
-    out_k, grads_k = fwd_bwd(kernels.cuda_deform_attn)
+    out_k, grads_k = fwd_bwd(mmfs_kernel.cuda_deform_attn)
     out_r, grads_r = fwd_bwd(deform_attn_reference)
     for what, a, b in zip(["out", "d value", "d loc", "d attn"], (out_k, *grads_k), (out_r, *grads_r)):
         err = (a.float() - b.float()).abs().max().item()
         print(f"  max |kernel - reference| {what:8s} {err:.2e}   (reference max {b.float().abs().max().item():.2e})")
 
     rows = []
-    for label, fn in [("kernel", kernels.cuda_deform_attn), ("reference", deform_attn_reference)]:
+    for label, fn in [("kernel", mmfs_kernel.cuda_deform_attn), ("reference", deform_attn_reference)]:
         with torch.no_grad():
             f_ms, f_mem = timed(lambda: fn(*args), iters)
         fb_ms, fb_mem = timed(lambda: fwd_bwd(fn), iters)

@@ -13,7 +13,7 @@ if [ ! -e "$ASAN_LIB" ]; then
     exit 2
 fi
 
-export MMI_KERNEL_SANITIZE=1  # kernels/__init__.py adds -fsanitize=address,undefined to the g++ build
+export MMI_KERNEL_SANITIZE=1  # mmfs_kernel.py adds -fsanitize=address,undefined to the g++ build
 # leaks: the Python interpreter never frees everything; alloc_dealloc_mismatch: torch's own allocations.
 export ASAN_OPTIONS=detect_leaks=0:alloc_dealloc_mismatch=0:abort_on_error=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1

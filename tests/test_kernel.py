@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+import mmfs_kernel
 
 if shutil.which("g++") is None:
     pytest.skip("g++ is not installed: the CPU emulation of the kernel cannot be built", allow_module_level=True)
@@ -101,7 +101,7 @@ def run_both(fn, args, grad_out):
 
 def test_forward_matches_explicit_loop():
     args = make_case([(3, 4), (2, 3)], B=2, M=2, D=3, Q=2, P=2)
-    torch.testing.assert_close(kernels.cpu_emulated_deform_attn(*args), loop_reference(*args), rtol=0, atol=1e-12)
+    torch.testing.assert_close(mmfs_kernel.cpu_emulated_deform_attn(*args), loop_reference(*args), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -109,7 +109,7 @@ def test_forward_backward_fp64(case):
     args = make_case(CASES[case])
     grad_out = torch.randn(args[0].shape[0], args[3].shape[1], args[0].shape[2] * args[0].shape[3],
                            dtype=torch.float64)
-    out, grads = run_both(kernels.cpu_emulated_deform_attn, args, grad_out)
+    out, grads = run_both(mmfs_kernel.cpu_emulated_deform_attn, args, grad_out)
     ref_out, ref_grads = run_both(reference, args, grad_out)
     torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-12)
     for name, got, want in zip(["value", "locations", "weights"], grads, ref_grads):
@@ -119,7 +119,7 @@ def test_forward_backward_fp64(case):
 def test_forward_backward_fp32():
     args = make_case(CASES["two_images_three_levels"], dtype=torch.float32, seed=1)
     grad_out = torch.randn(2, 7, 15)
-    out, grads = run_both(kernels.cpu_emulated_deform_attn, args, grad_out)
+    out, grads = run_both(mmfs_kernel.cpu_emulated_deform_attn, args, grad_out)
     ref_out, ref_grads = run_both(reference, args, grad_out)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
@@ -145,7 +145,7 @@ def test_gradcheck():
     loc = (cell + frac + 0.5) / size
     inputs = (value.requires_grad_(), shapes, starts, loc.requires_grad_(), attn.requires_grad_())
     # float atomics from several OpenMP workers may add in any order: allow last-bit differences between runs
-    assert torch.autograd.gradcheck(kernels.cpu_emulated_deform_attn, inputs, nondet_tol=1e-12)
+    assert torch.autograd.gradcheck(mmfs_kernel.cpu_emulated_deform_attn, inputs, nondet_tol=1e-12)
 
 
 def test_points_on_borders_and_outside():
@@ -160,11 +160,11 @@ def test_points_on_borders_and_outside():
     loc = pts.view(1, Q, 1, 1, 1, 2)
     attn = torch.ones(1, Q, 1, 1, 1, dtype=torch.float64)
     args = (value, shapes, starts, loc, attn)
-    out = kernels.cpu_emulated_deform_attn(*args)
+    out = mmfs_kernel.cpu_emulated_deform_attn(*args)
     torch.testing.assert_close(out, loop_reference(*args), rtol=0, atol=1e-12)
     torch.testing.assert_close(out, reference(*args), rtol=0, atol=1e-12)
     grad_out = torch.randn(out.shape, dtype=torch.float64)
-    (_, grads), (_, ref_grads) = run_both(kernels.cpu_emulated_deform_attn, args, grad_out), run_both(reference, args, grad_out)
+    (_, grads), (_, ref_grads) = run_both(mmfs_kernel.cpu_emulated_deform_attn, args, grad_out), run_both(reference, args, grad_out)
     # value and weight gradients are continuous in the location; the location gradient jumps on pixel-centre lines,
     # where the side taken depends on rounding (y*H - 0.5 here, ((2y-1+1)*H-1)/2 in grid_sample): compare it off them
     for got, want in zip(grads[::2], ref_grads[::2]):
@@ -185,7 +185,7 @@ def test_non_finite_locations_poison_like_the_reference():
     loc[0, 3, 0, 0, 0] = 1e30
     args = (value, shapes, starts, loc, attn)
     grad_out = torch.randn(1, 5, 2, dtype=torch.float64)
-    (out, grads), (ref_out, ref_grads) = run_both(kernels.cpu_emulated_deform_attn, args, grad_out), run_both(reference, args, grad_out)
+    (out, grads), (ref_out, ref_grads) = run_both(mmfs_kernel.cpu_emulated_deform_attn, args, grad_out), run_both(reference, args, grad_out)
     torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-12, equal_nan=True)
     assert out[0, :3].isnan().all() and (out[0, 3] == 0).all() and not out[0, 4].isnan().any()
     torch.testing.assert_close(grads[0], ref_grads[0], rtol=0, atol=1e-12)
@@ -198,8 +198,8 @@ def test_launch_configurations_agree(threads, blocks):
     # Small grids make each thread loop (grid stride); odd block sizes split (b,q,m) rows across blocks.
     args = make_case(CASES["two_images_three_levels"], seed=5)
     grad_out = torch.randn(2, 7, 15, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
-    base_out, base_grads = run_both(kernels.cpu_emulated_deform_attn, args, grad_out)
-    out, grads = run_both(lambda *a: kernels.cpu_emulated_deform_attn(*a, threads=threads, blocks=blocks), args, grad_out)
+    base_out, base_grads = run_both(mmfs_kernel.cpu_emulated_deform_attn, args, grad_out)
+    out, grads = run_both(lambda *a: mmfs_kernel.cpu_emulated_deform_attn(*a, threads=threads, blocks=blocks), args, grad_out)
     assert torch.equal(out, base_out)  # no atomics in the forward: bit-identical
     for got, want in zip(grads, base_grads):  # atomics add in launch-dependent order: equal up to rounding
         torch.testing.assert_close(got, want, rtol=0, atol=1e-13)
@@ -211,7 +211,7 @@ def test_concurrent_atomics_fp32_and_fp64():
     for dtype, tol in [(torch.float64, 1e-12), (torch.float32, 1e-4)]:
         args = make_case([(2, 3), (8, 6)], B=2, M=2, D=8, Q=64, P=2, dtype=dtype, seed=7)
         grad_out = torch.randn(2, 64, 16, dtype=dtype, generator=torch.Generator().manual_seed(8))
-        out, grads = run_both(lambda *a: kernels.cpu_emulated_deform_attn(*a, threads=16), args, grad_out)
+        out, grads = run_both(lambda *a: mmfs_kernel.cpu_emulated_deform_attn(*a, threads=16), args, grad_out)
         ref_out, ref_grads = run_both(reference, args, grad_out)
         torch.testing.assert_close(out, ref_out, rtol=tol, atol=tol)
         for got, want in zip(grads, ref_grads):
@@ -220,7 +220,7 @@ def test_concurrent_atomics_fp32_and_fp64():
 
 def test_half_precision_runs_in_fp32():
     value, shapes, starts, loc, attn = make_case(CASES["tiny_levels"], dtype=torch.float32)
-    out = kernels.cpu_emulated_deform_attn(value.bfloat16(), shapes, starts, loc.bfloat16(), attn.bfloat16())
+    out = mmfs_kernel.cpu_emulated_deform_attn(value.bfloat16(), shapes, starts, loc.bfloat16(), attn.bfloat16())
     assert out.dtype == torch.bfloat16
     want = reference(value.bfloat16().float(), shapes, starts, loc.bfloat16().float(), attn.bfloat16().float())
     torch.testing.assert_close(out.float(), want, rtol=1e-2, atol=1e-2)
@@ -228,26 +228,26 @@ def test_half_precision_runs_in_fp32():
 
 def test_non_contiguous_inputs_and_empty_queries():
     value, shapes, starts, loc, attn = make_case(CASES["one_level"])
-    want = kernels.cpu_emulated_deform_attn(value, shapes, starts, loc, attn)
+    want = mmfs_kernel.cpu_emulated_deform_attn(value, shapes, starts, loc, attn)
     value_t = value.transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides
-    torch.testing.assert_close(kernels.cpu_emulated_deform_attn(value_t, shapes, starts, loc, attn), want)
-    empty = kernels.cpu_emulated_deform_attn(value, shapes, starts, loc[:, :0], attn[:, :0])
+    torch.testing.assert_close(mmfs_kernel.cpu_emulated_deform_attn(value_t, shapes, starts, loc, attn), want)
+    empty = mmfs_kernel.cpu_emulated_deform_attn(value, shapes, starts, loc[:, :0], attn[:, :0])
     assert empty.shape == (2, 0, 15)
 
 
 def test_rejects_inconsistent_level_layout():
     value, shapes, starts, loc, attn = make_case(CASES["tiny_levels"])
     with pytest.raises(ValueError, match="do not describe"):
-        kernels.cpu_emulated_deform_attn(value[:, :-1], shapes, starts, loc, attn)  # S one short: would read past
+        mmfs_kernel.cpu_emulated_deform_attn(value[:, :-1], shapes, starts, loc, attn)  # S one short: would read past
     with pytest.raises(ValueError, match="do not describe"):
-        kernels.cpu_emulated_deform_attn(value, shapes, starts + 1, loc, attn)
+        mmfs_kernel.cpu_emulated_deform_attn(value, shapes, starts + 1, loc, attn)
 
 
 def test_cuda_kernel_unavailable_is_reported_as_such():
     args = make_case(CASES["one_level"])
-    with pytest.raises(kernels.KernelUnavailable):
-        kernels.cuda_deform_attn(*args, reference=deform_attn_reference)  # CPU tensors (and, on this machine, no CUDA at all)
-    assert issubclass(kernels.KernelUnavailable, RuntimeError)
+    with pytest.raises(mmfs_kernel.KernelUnavailable):
+        mmfs_kernel.cuda_deform_attn(*args, reference=deform_attn_reference)  # CPU tensors (and, on this machine, no CUDA at all)
+    assert issubclass(mmfs_kernel.KernelUnavailable, RuntimeError)
 
 
 # ------------------------------------------------------------------------------------------- nvcc compile check
@@ -259,10 +259,10 @@ def test_nvcc_compiles_without_register_spills(arch, route, tmp_path):
     # sm_90: device code only, from the text NVRTC compiles at run time (header pasted in). ptxas reports per kernel.
     if route == "nvcc":
         out = tmp_path / "k.so"
-        cmd = ["nvcc", f"-arch={arch}", *kernels.NVCC_FLAGS, "-Xptxas", "-v", str(kernels.SOURCE), "-o", str(out)]
+        cmd = ["nvcc", f"-arch={arch}", *mmfs_kernel.NVCC_FLAGS, "-Xptxas", "-v", str(mmfs_kernel.SOURCE), "-o", str(out)]
     else:
         src = tmp_path / "deform_attn.cu"
-        src.write_text(kernels.kernel_source())
+        src.write_text(mmfs_kernel.kernel_source())
         cmd = ["nvcc", "-cubin", "-O3", f"-arch={arch}", "-Xptxas", "-v", str(src), "-o", str(tmp_path / "k.cubin")]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -273,7 +273,7 @@ def test_nvcc_compiles_without_register_spills(arch, route, tmp_path):
     assert sorted(regs) == sorted(f"deform_attn_{d}_{s}" for d in ("forward", "backward") for s in ("f32", "f64"))
     assert len(spills) == 4 and not any(spills), f"register spills on {arch}:\n{report}"
     if route == "nvcc":
-        kernels._load_library(out)  # loads without a GPU; a missing symbol raises AttributeError
+        mmfs_kernel._load_library(out)  # loads without a GPU; a missing symbol raises AttributeError
 
 
 def find_nvrtc():
@@ -297,7 +297,7 @@ def test_nvrtc_compiles_the_source():
     if nvrtc is None:
         pytest.skip("no libnvrtc here (set MMI_NVRTC_DIR, or pip install nvidia-cuda-nvrtc)")
     prog = ctypes.c_void_p()
-    assert nvrtc.nvrtcCreateProgram(ctypes.byref(prog), kernels.kernel_source().encode(), b"deform_attn.cu",
+    assert nvrtc.nvrtcCreateProgram(ctypes.byref(prog), mmfs_kernel.kernel_source().encode(), b"deform_attn.cu",
                                     0, None, None) == 0
     names = [f"deform_attn_{d}_{s}" for d in ("forward", "backward") for s in ("f32", "f64")]
     for name in names:
@@ -328,16 +328,16 @@ def test_gpu_build_failures_become_kernel_unavailable(monkeypatch):
 
     def nvcc_fails(arch):
         calls.append(arch)
-        raise kernels.KernelUnavailable("nvcc not found")
+        raise mmfs_kernel.KernelUnavailable("nvcc not found")
 
-    monkeypatch.setattr(kernels, "_GPU", {})
+    monkeypatch.setattr(mmfs_kernel, "_GPU", {})
     monkeypatch.setattr(torch.cuda, "device", lambda index: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
     monkeypatch.setattr(torch.cuda, "_compile_kernel", nvrtc_fails)
-    monkeypatch.setattr(kernels, "nvcc_library_path", nvcc_fails)
+    monkeypatch.setattr(mmfs_kernel, "nvcc_library_path", nvcc_fails)
     for _ in range(2):
-        with pytest.raises(kernels.KernelUnavailable, match="NVRTC: RuntimeError: nvrtc says no.*nvcc not found"):
-            kernels._gpu_backend(torch.device("cuda", 0))
+        with pytest.raises(mmfs_kernel.KernelUnavailable, match="NVRTC: RuntimeError: nvrtc says no.*nvcc not found"):
+            mmfs_kernel._gpu_backend(torch.device("cuda", 0))
     assert calls == ["nvrtc", "sm_90"]
 
 
@@ -349,7 +349,7 @@ def perturbed(where):
 
     def kernel(value, *rest):
         calls.append(value.dtype)
-        out = kernels.cpu_emulated_deform_attn(value, *rest)
+        out = mmfs_kernel.cpu_emulated_deform_attn(value, *rest)
         if where == "forward":
             return out + 0.05  # gradients unchanged
         return out + 0.1 * (value - value.detach()).sum()  # forward unchanged, every value gradient off
@@ -359,21 +359,21 @@ def perturbed(where):
 
 @pytest.fixture
 def cpu_as_cuda(monkeypatch):
-    """Route kernels.cuda_deform_attn (and mmfs.deform_attn's dispatch) to a stand-in kernel on CPU tensors."""
+    """Route mmfs_kernel.cuda_deform_attn (and mmfs.deform_attn's dispatch) to a stand-in kernel on CPU tensors."""
     import mmfs
 
-    monkeypatch.setattr(kernels, "_CHECKED", {})
-    monkeypatch.setattr(kernels, "_require_cuda", lambda value: None)
+    monkeypatch.setattr(mmfs_kernel, "_CHECKED", {})
+    monkeypatch.setattr(mmfs_kernel, "_require_cuda", lambda value: None)
     monkeypatch.setattr(mmfs, "_kernel_failed", False)
     monkeypatch.setattr(mmfs, "_wants_kernel", lambda value: not mmfs._kernel_failed)
-    return lambda kernel: monkeypatch.setattr(kernels, "_cuda_kernel", kernel)
+    return lambda kernel: monkeypatch.setattr(mmfs_kernel, "_cuda_kernel", kernel)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_self_check_passes_the_emulated_kernel(dtype):
-    err, what = kernels.self_check_error(kernels.cpu_emulated_deform_attn, deform_attn_reference,
+    err, what = mmfs_kernel.self_check_error(mmfs_kernel.cpu_emulated_deform_attn, deform_attn_reference,
                                        torch.device("cpu"), dtype)
-    assert err < kernels.SELF_CHECK_TOL[dtype] / 100, (err, what)
+    assert err < mmfs_kernel.SELF_CHECK_TOL[dtype] / 100, (err, what)
 
 
 @pytest.mark.parametrize("where,what", [("forward", "output"), ("backward", "value gradient")])
@@ -391,8 +391,8 @@ def test_wrong_kernel_warns_once_and_falls_back(cpu_as_cuda, where, what, recwar
     assert "self-check" in messages[0] and "max error" in messages[0] and f"in the {what}" in messages[0]
     for out in outs:
         torch.testing.assert_close(out, deform_attn_reference(*args), rtol=0, atol=0)
-    with pytest.raises(kernels.KernelUnavailable, match=f"max error .* in the {what}"):
-        kernels.cuda_deform_attn(*args, reference=deform_attn_reference)  # remembered: not checked again
+    with pytest.raises(mmfs_kernel.KernelUnavailable, match=f"max error .* in the {what}"):
+        mmfs_kernel.cuda_deform_attn(*args, reference=deform_attn_reference)  # remembered: not checked again
     assert len(calls) == 1
 
 
@@ -400,7 +400,7 @@ def test_good_kernel_is_checked_once_per_dtype_and_used(cpu_as_cuda, recwarn):
     import mmfs
 
     calls = []
-    cpu_as_cuda(lambda value, *rest: calls.append(value.dtype) or kernels.cpu_emulated_deform_attn(value, *rest))
+    cpu_as_cuda(lambda value, *rest: calls.append(value.dtype) or mmfs_kernel.cpu_emulated_deform_attn(value, *rest))
     args64 = make_case(CASES["tiny_levels"])
     args32 = [a.float() if a.is_floating_point() else a for a in args64]
     for args in (args64, args64, args32, [a.bfloat16() if a.is_floating_point() else a for a in args64]):
@@ -408,7 +408,7 @@ def test_good_kernel_is_checked_once_per_dtype_and_used(cpu_as_cuda, recwarn):
     # first fp64 call: check + run; second: run; fp32: check + run; bf16 computes in fp32, already checked: run
     assert calls == [torch.float64] * 3 + [torch.float32] * 2 + [torch.bfloat16]
     assert not [w for w in recwarn if "mmfs" in str(w.message)]
-    assert kernels._CHECKED == {("cpu", torch.float64): None, ("cpu", torch.float32): None}
+    assert mmfs_kernel._CHECKED == {("cpu", torch.float64): None, ("cpu", torch.float32): None}
 
 
 def test_kernel_that_raises_fails_the_check(cpu_as_cuda):
@@ -416,5 +416,5 @@ def test_kernel_that_raises_fails_the_check(cpu_as_cuda):
         raise RuntimeError("too many resources requested for launch")
 
     cpu_as_cuda(broken)
-    with pytest.raises(kernels.KernelUnavailable, match="self-check.*RuntimeError: too many resources"):
-        kernels.cuda_deform_attn(*make_case(CASES["one_level"]), reference=deform_attn_reference)
+    with pytest.raises(mmfs_kernel.KernelUnavailable, match="self-check.*RuntimeError: too many resources"):
+        mmfs_kernel.cuda_deform_attn(*make_case(CASES["one_level"]), reference=deform_attn_reference)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import mmfs
+import mmfs_kernel
 from mmfs import MMFS, deform_attn, deform_attn_cpu, deform_attn_reference, image_recency, level_starts, pixel_centres
 
 
@@ -181,7 +182,7 @@ def test_deform_attn_falls_back_with_one_warning_when_the_kernel_is_unavailable(
         raise KernelUnavailable("no nvrtc here")
 
     fake = types.SimpleNamespace(KernelUnavailable=KernelUnavailable, cuda_deform_attn=cuda_deform_attn)
-    monkeypatch.setitem(sys.modules, "kernels", fake)
+    monkeypatch.setitem(sys.modules, "mmfs_kernel", fake)
     monkeypatch.setattr(mmfs, "_kernel_failed", False)
     monkeypatch.setattr(mmfs, "_wants_kernel", lambda v: not mmfs._kernel_failed)  # pretend the tensors are on a GPU
     args = make_op_inputs()
@@ -613,7 +614,6 @@ def test_op_gets_one_query_per_visible_image(monkeypatch):
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ builds the kernel's CPU emulation")
 def test_kernel_route_matches_the_masked_computation(monkeypatch):
     # The CUDA kernel's source, built for the CPU, fed by the gathered path (what a GPU run would do).
-    kernels = pytest.importorskip("kernels")
-    monkeypatch.setattr(mmfs, "deform_attn", kernels.cpu_emulated_deform_attn)
+    monkeypatch.setattr(mmfs, "deform_attn", mmfs_kernel.cpu_emulated_deform_attn)
     m = tiny_mmfs()
     assert_matches_masked(m)

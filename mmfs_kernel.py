@@ -1,4 +1,7 @@
-"""The MMFS deformable-attention kernel (deform_attn.cu): build, load and autograd wrapper.
+"""The MMFS deformable-attention kernel (kernels/deform_attn.cu): build, load and autograd wrapper.
+
+A module beside mmfs.py, not kernels/__init__.py: a package named `kernels` would shadow the PyPI `kernels` that
+transformers imports, so kernels/ is a folder of CUDA sources only.
 
     cuda_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
         CUDA tensors -> [B, Q, M*D], differentiable in value, locations and weights. The .cu is compiled on first use,
@@ -26,7 +29,7 @@ from pathlib import Path
 import torch
 from torch.autograd.function import once_differentiable
 
-KERNEL_DIR = Path(__file__).resolve().parent
+KERNEL_DIR = Path(__file__).resolve().parent / "kernels"  # the CUDA sources
 SOURCE = KERNEL_DIR / "deform_attn.cu"
 HEADER = KERNEL_DIR / "portable.cuh"
 BUILD_DIR = KERNEL_DIR / "build"  # git-ignored cache of compiled libraries, one per source hash and flags
