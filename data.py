@@ -35,6 +35,7 @@ from vit import to_tensor01
 #   MMC4:   {"text_list": [...], "image_info": [{"image_name": "a.jpg", "matched_text_index": 0, "matched_sim": 0.3}]}
 #           (images with matched_sim < min_sim dropped; each placed before or after its sentence at random)
 #   pair:   {"image": "a.jpg", "caption": "..."}          (caption lowercased; image first or caption first at random)
+MAX_IMAGES = 6  # at most this many images per document (the first ones; official: a random 6)
 # At most max_images images per document (the first ones). Bad lines are skipped and counted, never raised.
 
 class Stats:
@@ -128,7 +129,7 @@ def load_image(path, size=None):
     return img
 
 
-def read_documents(path, stats, rng=None, max_images=6, min_sim=0.24, image_size=None, shard=(0, 1)):
+def read_documents(path, stats, rng=None, max_images=MAX_IMAGES, min_sim=0.24, image_size=None, shard=(0, 1)):
     """Yield (where, items) for the good documents of one .jsonl file (lines with (line - 1) % shard[1] == shard[0]);
     items are str and PIL images. Bad lines go to `stats`."""
     rng = rng or random.Random(0)
@@ -283,8 +284,8 @@ class CorpusDataset(IterableDataset):
     process even from workers; a shard with no usable document yields one row of its records alone (no "tokens").
     Ranks may get different numbers of rows: under DDP, end the epoch when any rank runs out."""
 
-    def __init__(self, paths, tok, n_image_tokens, seq_len, image_size=224, max_images=6, min_sim=0.24, seed=0,
-                 rank=0, world_size=1):
+    def __init__(self, paths, tok, n_image_tokens, seq_len, image_size=224, max_images=MAX_IMAGES, min_sim=0.24,
+                 seed=0, rank=0, world_size=1):
         self.paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
         self.tok, self.n, self.seq_len = tok, n_image_tokens, seq_len
         self.image_size, self.max_images, self.min_sim = image_size, max_images, min_sim

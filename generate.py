@@ -41,7 +41,9 @@ def generate(model: MMI, prompt, max_new_tokens=90, max_images=4, begin_image=Fa
     opts = {**SAMPLING, **sampling}
     tok, cfg = model.tok, model.cfg
     ids, images = tokenize_document(prompt, tok, cfg.n_image_tokens, eos=False)
-    s = Session(model, use_cache, max_len or model.llm.cfg.max_seq_len)
+    max_len = max_len or model.llm.cfg.max_seq_len
+    check_fits(model, len(ids) + 1, len(images) + begin_image, max_len)  # + the first new token (or image)
+    s = Session(model, use_cache, max_len)
     for img in images:
         s.add_image(img)
     logits = s.feed(ids)
@@ -60,7 +62,8 @@ def generate(model: MMI, prompt, max_new_tokens=90, max_images=4, begin_image=Fa
         if nxt == tok.eos_id or (ended and nxt != cfg.boi_id):
             break
         if nxt == cfg.boi_id:
-            if n_img >= max_images or len(s.tokens) + 2 + cfg.n_image_tokens > s.max_len:
+            full = len(s.tokens) + 2 + cfg.n_image_tokens > s.max_len or len(s.embeds) >= cfg.max_images
+            if n_img >= max_images or full:
                 break
             if text:
                 out.append(tok.decode(text))
@@ -83,6 +86,18 @@ def generate(model: MMI, prompt, max_new_tokens=90, max_images=4, begin_image=Fa
     if text:
         out.append(tok.decode(text))
     return out
+
+
+def check_fits(model: MMI, n_tokens, n_images, max_len=None, what="the prompt"):
+    """ValueError (one line) unless n_tokens positions (an image counts BoI + its n_image_tokens slots) and n_images
+    images fit what the model can hold: its context (the LLM's max_seq_len, or max_len) and the images one token may
+    look back at through MMFS (cfg.max_images: the size of its image-index table)."""
+    max_len = max_len or model.llm.cfg.max_seq_len
+    if n_tokens > max_len:
+        raise ValueError(f"{what} needs {n_tokens} positions (each image {model.cfg.n_image_tokens + 1}); "
+                         f"the model's context holds {max_len}")
+    if n_images > model.cfg.max_images:
+        raise ValueError(f"{what} has {n_images} images; the model sees at most {model.cfg.max_images} per document")
 
 
 def as_8bit(img):

@@ -31,11 +31,18 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from generate import SAMPLING, as_8bit, generate
+import cli
+from data import tokenize_document
+from generate import SAMPLING, as_8bit, check_fits, generate
 from mmi import MMI, MMIConfig, PRESETS
 from weights import CheckpointError
 
 ROOT = Path(__file__).resolve().parent
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
 p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--ckpt", default="",
                help="folder with model.safetensors + config.json (train.py's out_dir), or 'random'; default: "
@@ -65,32 +72,24 @@ p.add_argument("--device", default="cpu")
 p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
 p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default); tiny models run "
                "fastest on 1 (more threads cost more in synchronisation than they gain)")
+p.error = lambda message: fail(f"{message} (python sample.py --help lists the flags)")  # one line, not the usage
 args = p.parse_args()
+
+
+RANGES = {"seed": ">= 0", "max_new_tokens": ">= 1", "max_images": ">= 0", "temperature": ">= 0", "top_p": "(0, 1]",
+          "repetition_penalty": "> 0", "steps": ">= 1", "guidance": ">= 0", "threads": ">= 0"}
+cli.check_ranges(vars(args), RANGES)  # one line "error: --flag=value: must be ...", exit status 1 (as fail)
 if args.threads:
     torch.set_num_threads(args.threads)
-
-
-def fail(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(1)
-
-
-for flag, ok, valid in [("steps", args.steps >= 1, "an integer >= 1"),
-                        ("max_new_tokens", args.max_new_tokens >= 1, "an integer >= 1"),
-                        ("max_images", args.max_images >= 0, "an integer >= 0"),
-                        ("temperature", args.temperature >= 0, ">= 0 (0 = greedy)"),
-                        ("top_p", 0 < args.top_p <= 1, "in (0, 1]"),
-                        ("repetition_penalty", args.repetition_penalty > 0, "> 0 (1 = none)"),
-                        ("guidance", args.guidance >= 0, ">= 0 (1 = no guidance)"),
-                        ("threads", args.threads >= 0, "an integer >= 0")]:
-    if not ok:
-        fail(f"--{flag}={getattr(args, flag)}: must be {valid}")
 try:
     device = torch.device(args.device)
 except RuntimeError:
     fail(f"--device={args.device}: not a torch device (e.g. cpu, cuda, cuda:1, mps)")
 if device.type == "cuda" and not torch.cuda.is_available():
     fail(f"--device={args.device} but CUDA is not available")
+
+
+out = cli.writable_dir(args.out_dir, "out_dir")
 
 
 # -----------------------------------------------------------------------------
@@ -176,13 +175,18 @@ try:
 except (CheckpointError, FileNotFoundError, ValueError) as e:
     fail(str(e).splitlines()[0])
 model = model.to(args.device, dtype).eval()
+for title, segments in prompts:  # every prompt against the model's limits before any is generated
+    items = [x for seg, draw in segments for x in seg + ([torch.zeros(3, 1, 1)] if draw else [])]  # a drawn picture
+    try:
+        ids, images = tokenize_document(items, tok, model.cfg.n_image_tokens, eos=False)
+        check_fits(model, len(ids) + 1, len(images), what=f"prompt [{title}]")
+    except ValueError as e:
+        fail(str(e))
 print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters from {args.ckpt} "
       f"({time.time() - t0:.1f} s)")
 
 # -----------------------------------------------------------------------------
 # generate, save, write the page
-out = Path(args.out_dir)
-out.mkdir(parents=True, exist_ok=True)
 for old in out.glob("p*_*.png"):  # a previous run's pictures: the new page would not show them
     if re.fullmatch(r"p\d+_\d+(_gen)?\.png", old.name):
         old.unlink()

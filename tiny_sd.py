@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import cli
 import world
 from diffusion import NoiseSchedule, cfg_combine
 from mmi import PRESETS
@@ -259,16 +260,18 @@ def train(out_dir="assets/tiny-sd", steps=1200, batch=10, lr=2e-3, warmup=30, we
     return scores
 
 
+RANGES = {"steps": ">= 1", "batch": ">= 1", "lr": "> 0", "warmup": ">= 1", "weight_decay": ">= 0", "p_uncond": "[0, 1]",
+          "ema": "[0, 1)", "seed": ">= 0", "eval_every": ">= 0", "eval_n": ">= 1", "eval_seed": ">= 0",
+          "eval_steps": ">= 1", "final_eval_n": ">= 1", "n_tokens": ">= 1"}  # train()'s numeric arguments
+
+
 def main(argv):
-    """--key=value for any keyword of train (typed by its default; --unet takes a dict literal)."""
-    import ast
-    defaults, kw = inspect.signature(train).parameters, {}
-    for arg in argv:
-        key, eq, val = arg[2:].partition("=")
-        if not arg.startswith("--") or not eq or key not in defaults:
-            raise SystemExit(f"error: expected --key=value with key one of {list(defaults)}, got {arg!r}")
-        default = defaults[key].default
-        kw[key] = ast.literal_eval(val) if default is None else val if isinstance(default, str) else type(default)(val)
+    """--key=value for any keyword of train (typed by its default; --unet takes a dict literal), each checked against
+    its range and the output folder proved writable before training starts."""
+    defaults = {k: v.default for k, v in inspect.signature(train).parameters.items()}
+    kw = cli.parse_flags(argv, defaults)
+    cli.check_ranges({**defaults, **kw}, RANGES)
+    cli.writable_dir(kw.get("out_dir", defaults["out_dir"]), "out_dir")
     torch.set_num_threads(1)
     train(**kw)
 

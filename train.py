@@ -46,6 +46,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import cli
 import data
 import world
 from generate import SAMPLING, generate
@@ -103,45 +104,25 @@ PRESET_KNOBS = {  # docs/official.md: AdamW (0.9, 0.995), eps 1e-6, wd 0.05, war
                      schedule="cosine", min_lr_ratio=0.0, out_dir="out-official", eval_guidance=3.5, eval_steps=50,
                      eval_n=20),
 }
+RANGES = {  # every numeric knob's valid values (cli.check_ranges), checked before any work
+    "seed": ">= 0", "seq_len": ">= 1", "batch_size": ">= 1", "grad_accum": ">= 1", "num_workers": ">= 0",
+    "max_steps": ">= 0", "lr": ">= 0", "weight_decay": ">= 0", "beta1": "[0, 1)", "beta2": "[0, 1)", "eps": "> 0",
+    "warmup_steps": ">= 0", "min_lr_ratio": "[0, 1]", "grad_clip": ">= 0", "threads": ">= 0", "log_interval": ">= 1",
+    "eval_interval": ">= 0", "eval_n": ">= 0", "eval_seed": ">= 0", "eval_steps": ">= 1", "eval_guidance": ">= 0",
+    "ckpt_interval": ">= 0",
+}
 # -----------------------------------------------------------------------------
-
-
-def parse_bool(s):
-    if s.lower() in ("1", "true", "yes", "y", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "n", "off"):
-        return False
-    raise ValueError(f"not a boolean: {s!r}")
-
-
-def parse_args(argv, knobs):
-    """--key=value -> (knob updates, model-config overrides). Knob values are checked against the default's type."""
-    import ast
-    updates, model_overrides = {}, {}
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise SystemExit(f"error: expected --key=value, got {arg!r}")
-        key, val = arg[2:].split("=", 1)
-        key = "data_paths" if key == "data" else key
-        if key in knobs:
-            default = knobs[key]
-            try:
-                updates[key] = parse_bool(val) if isinstance(default, bool) else type(default)(val)
-            except ValueError:
-                raise SystemExit(f"error: --{key} expects {type(default).__name__}, got {val!r}")
-        else:
-            try:
-                model_overrides[key] = ast.literal_eval(val)
-            except (ValueError, SyntaxError):
-                model_overrides[key] = val  # a bare string
-    return updates, model_overrides
-
 
 knob_names = [k for k, v in globals().items() if not k.startswith("_") and k != "PRESET_KNOBS"
               and isinstance(v, (int, float, bool, str))]
-_updates, model_overrides = parse_args(sys.argv[1:], {k: globals()[k] for k in knob_names})
+_unchecked = [k for k in knob_names if type(globals()[k]) in (int, float) and k not in RANGES]
+assert not _unchecked, f"train.py: numeric knobs without a range in RANGES: {_unchecked}"
+model_overrides = {}  # keys that are not knobs: model-config fields
+_updates = cli.parse_flags([a.replace("--data=", "--data_paths=", 1) for a in sys.argv[1:]],
+                           {k: globals()[k] for k in knob_names}, extra=model_overrides)
 globals().update(PRESET_KNOBS.get(_updates.get("preset", preset), {}))
 globals().update(_updates)
+cli.check_ranges({k: globals()[k] for k in knob_names}, RANGES)
 if preset not in PRESETS:
     raise SystemExit(f"error: unknown preset {preset!r}; choose from {sorted(PRESETS)}")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -153,6 +134,18 @@ if device.startswith("cuda") and not torch.cuda.is_available():
     raise SystemExit(f"error: --device={device} but torch {torch.__version__} sees no CUDA device; use --device=cpu")
 if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
     raise SystemExit(f"error: --device={device} but there are {torch.cuda.device_count()} CUDA devices (cuda:0 ...)")
+CHOICES = {"schedule": ("cosine", "constant"), "eval_sampler": ("ddim", "ddpm")}
+for _k, _options in CHOICES.items():
+    if globals()[_k] not in _options:
+        raise SystemExit(f"error: --{_k}={globals()[_k]} is not one of {', '.join(_options)}")
+if not set(filter(None, eval_kinds.split(","))) <= set(world.KINDS):
+    raise SystemExit(f"error: --eval_kinds={eval_kinds}: each must be one of {', '.join(world.KINDS)}")
+try:  # the synthetic document mixture
+    mix = {k: float(w) for k, w in (kw.split(":") for kw in kinds.split(","))}
+    assert mix and set(mix) <= set(world.KINDS) and all(w >= 0 for w in mix.values()) and sum(mix.values()) > 0
+except (ValueError, AssertionError):
+    raise SystemExit(f"error: --kinds expects kind:weight pairs of {', '.join(world.KINDS)} with weights >= 0, "
+                     f"e.g. 't2i:0.3,i2t:0.3,qa:0.2,story:0.2'; got {kinds!r}")
 data_files = [p for p in data_paths.split(",") if p]
 missing = [p for p in data_files if not Path(p).is_file()]
 if missing:
@@ -180,10 +173,8 @@ device_type = "cuda" if device.startswith("cuda") else "cpu"
 ptdtype = DTYPES[dtype]
 autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
 scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
-out = Path(out_dir)
+out = cli.writable_dir(out_dir, "out_dir") if master else Path(out_dir)
 ckpt_file = out / "ckpt.pt"
-if master:
-    out.mkdir(parents=True, exist_ok=True)
 
 # -----------------------------------------------------------------------------
 # model, optimizer, schedule
@@ -229,6 +220,16 @@ if grad_checkpointing:
     model.set_grad_checkpointing(True)
 tok = model.tok
 mcfg = model.cfg
+# what a row and a document may hold against what the model can: its context and the images a token looks back at
+if seq_len > model.llm.cfg.max_seq_len:
+    raise SystemExit(f"error: --seq_len={seq_len}: the model's context holds {model.llm.cfg.max_seq_len} positions")
+if seq_len < mcfg.n_image_tokens + 3:
+    raise SystemExit(f"error: --seq_len={seq_len}: a row must hold <s>, one image ({mcfg.n_image_tokens + 1} "
+                     f"positions) and a token: at least {mcfg.n_image_tokens + 3}")
+doc_images = data.MAX_IMAGES if data_files else world.MAX_DOC_IMAGES
+if doc_images > mcfg.max_images:
+    raise SystemExit(f"error: documents may hold {doc_images} images; the model sees at most max_images="
+                     f"{mcfg.max_images} (--max_images=...)")
 
 # lr=0 keeps the model's per-group learning rates; else lr sets the main one and the others keep their ratio
 scale = lr / mcfg.lr if lr else 1.0
@@ -298,11 +299,6 @@ if data_paths:
     corpus = data.CorpusDataset(data_files, tok, mcfg.n_image_tokens, seq_len, image_size=mcfg.image_size,
                                 seed=seed, rank=rank, world_size=world_size)
 else:
-    try:
-        mix = {k: float(w) for k, w in (kw.split(":") for kw in kinds.split(","))}
-        assert mix and set(mix) <= set(world.KINDS)
-    except (ValueError, AssertionError):
-        raise SystemExit(f"error: --kinds expects e.g. 't2i:0.3,i2t:0.3,qa:0.2,story:0.2', got {kinds!r}")
     synth = data.SyntheticDataset(tok, mcfg.n_image_tokens, seq_len, seed=seed, image_size=mcfg.image_size, kinds=mix)
 data_pos = dict(ckpt["data_pos"]) if ckpt is not None else dict(epoch=0, micro=0)
 
@@ -455,7 +451,10 @@ if eval_only:  # score the model (--init_from) on the held-out scenes and print 
 last_good = start_step if ckpt is not None else None
 model.train()
 if start_step < max_steps:  # the first micro-batch before the progress bar: a corpus with nothing usable stops here
-    batches = itertools.chain([next(batches)], batches)
+    try:
+        batches = itertools.chain([next(batches)], batches)
+    except ValueError as e:  # e.g. a seq_len too short for any synthetic document
+        raise SystemExit(f"error: --seq_len={seq_len}: {e}")
 pbar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, disable=not master,
             dynamic_ncols=True)
 step = start_step

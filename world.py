@@ -30,6 +30,7 @@ NUMBERS = ("zero", "one", "two", "three", "four")
 MAX_SHAPES = 4
 HELD_OUT = 10  # one scene in HELD_OUT goes to the eval split
 KINDS = {"t2i": 0.3, "i2t": 0.3, "qa": 0.2, "story": 0.2}  # default training mixture of document kinds
+MAX_DOC_IMAGES = 3  # the most images in one synthetic document: a story's first picture and up to 2 more
 
 
 def make_scene(objects):
@@ -252,7 +253,7 @@ def synthetic_document(rng, kind, split="train", size=IMAGE_SIZE):
         return [render(scene, size), " ".join(f"question: {q} answer: {a}" for q, a in qas)]
     if kind == "story":
         doc = [render(scene, size)]
-        for _ in range(rng.randint(1, 2)):
+        for _ in range(rng.randint(1, MAX_DOC_IMAGES - 1)):
             step = random_change(rng, scene, split)
             if step is None:
                 break
