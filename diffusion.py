@@ -144,3 +144,12 @@ def _randn(x, generator):
 def cfg_combine(cond, uncond, scale):
     """Classifier-free guidance: move `scale` times the conditional difference away from the unconditional output."""
     return uncond + scale * (cond - uncond)
+
+
+def guided(denoise_both, scale):
+    """A denoise_fn for NoiseSchedule.sample with classifier-free guidance: denoise_both(x, t) runs the batch doubled,
+    its first half conditional and its second unconditional."""
+    def fn(x, t):
+        cond, uncond = denoise_both(torch.cat([x, x]), torch.cat([t, t])).chunk(2)
+        return cfg_combine(cond, uncond, scale)
+    return fn

@@ -9,9 +9,8 @@ import time
 import torch
 
 from data import tokenize_document
-from diffusion import cfg_combine
 from llm import sample_next
-from mmi import MMI, VisualContext
+from mmi import MMI, VisualContext, document_ids, flatten_maps, sees
 
 # The sampling settings of the demo, of train.py's evaluation and of generate()'s defaults: greedy text (answers
 # are exact), DDIM 25 steps, guidance 2. OFFICIAL_SAMPLING: the authors' demo (generate(..., **OFFICIAL_SAMPLING)).
@@ -105,29 +104,6 @@ def as_8bit(img):
     return (img * 255).round() / 255
 
 
-@torch.no_grad()
-def sample_images(model: MMI, cond, values, visible, steps=25, sampler="ddim", guidance=2.0, generator=None):
-    """cond [n, Q, C] -> images [n, 3, H, W] in [0, 1]; values / visible: the previous images' MMFS features
-    (MMI.decoder_values). The unconditional branch uses the null condition and the same MMFS features (official),
-    projected once for all steps."""
-    n = cond.shape[0]
-    noise = torch.randn(n, model.unet.cfg.in_channels, model.latent, model.latent, generator=generator,
-                        device=cond.device, dtype=model.unet.conv_in.weight.dtype)
-    projected = model.project_decoder_values(values[0][visible])
-    if guidance != 1.0:
-        null = model.null_cond.to(cond.dtype).expand(n, -1, -1)
-        cond2, visible2 = torch.cat([cond, null]), torch.cat([visible, visible])
-        projected2 = [torch.cat([p, p]) for p in projected]
-
-        def fn(x, t):
-            c, u = model.denoise(torch.cat([x, x]), torch.cat([t, t]), cond2, values, visible2, projected2).chunk(2)
-            return cfg_combine(c, u, guidance)
-    else:
-        def fn(x, t):
-            return model.denoise(x, t, cond, values, visible, projected)
-    return model.from_latent(model.schedule.sample(fn, noise, steps=steps, sampler=sampler, generator=generator))
-
-
 class Session:
     """State of one interleaved generation (batch 1): tokens, image features, KV cache, final hidden states.
     With the cache (use_cache), a decoded token costs the same whatever the length so far: only the new positions are
@@ -145,11 +121,11 @@ class Session:
         self.projected = {}  # GatedMMFS -> (n_images, S, heads*head_dim), only with the cache
 
     def add_image(self, img01):
-        emb, maps = self.m.encode_images(img01[None].to(self.device))
+        emb, maps = self.m.visual_tokenizer(img01[None].to(self.device))
         self.embeds.append(emb)
-        values, shapes = self.m.flatten_maps(maps[1:])
+        values, shapes = flatten_maps(maps[1:])
         self.llm_values.append((values, shapes))
-        self.dec_values.append(self.m.flatten_maps(maps))
+        self.dec_values.append(flatten_maps(maps))
         if self.cache is not None:  # extend every layer's projected values by the new image
             for layer in (b.inserted for b in self.m.llm.layers if b.inserted is not None):
                 p = layer.project_values(values)                                  # (1, S, heads*head_dim)
@@ -158,12 +134,9 @@ class Session:
     def feed(self, new):
         """Run the LLM over new tokens (prefill or decode) -> logits of the last one [V + 2]."""
         m, T0, new = self.m, len(self.tokens), list(new)
-        for t, i in enumerate(new, T0):
-            doc = (self.doc_ids[-1] if self.doc_ids else 0) + (i == self.m.tok.bos_id)
-            self.doc_ids.append(doc)
-            if i == m.cfg.boi_id:
-                self.bois.append((t, doc))
         self.tokens += new
+        self.doc_ids = document_ids(torch.tensor(self.tokens), m.tok.bos_id).tolist()  # as MMI.layout numbers them
+        self.bois += [(t, self.doc_ids[t]) for t, i in enumerate(new, T0) if i == m.cfg.boi_id]
         n_tok = m.cfg.n_image_tokens
         first = 0 if self.cache is None else T0  # the positions this call computes
         k0, self.slots_fed = self.slots_fed // n_tok, self.slots_fed + sum(i == m.cfg.image_id for i in new)
@@ -183,8 +156,7 @@ class Session:
         pos = torch.arange(first, len(self.tokens), device=self.device)
         docs = torch.tensor(self.doc_ids[first:], device=self.device)
         boi_pos, boi_doc = torch.tensor(self.bois, device=self.device).T
-        # official visibility: same document, after the image's BoI (as MMI.layout)
-        visible = ((docs[:, None] == boi_doc) & (pos[:, None] > boi_pos))[None]  # (1, T - first, n_images)
+        visible = sees(docs[None], pos[None], boi_doc[None], boi_pos[None])  # (1, T - first, n_images): MMI.layout's
 
         def per_row(x):  # (images so far, S, C) -> (1, n_images, S, C)
             missing = len(self.bois) - x.shape[0]
@@ -201,11 +173,11 @@ class Session:
         (pos, doc), prev = self.bois[-1], [p for p, d in self.bois[:-1] if d == self.bois[-1][1]]
         start = self.doc_ids.index(doc)                                           # the document's first position
         as_tensor = lambda *v: torch.tensor(v, device=self.device)  # noqa: E731
-        cond = m.condition(h, as_tensor(0), as_tensor(start), as_tensor(pos))
+        cond = m.image_decoder.condition(h, as_tensor(0), as_tensor(start), as_tensor(pos))
         if self.dec_values:
             dec, shapes = torch.cat([v for v, _ in self.dec_values]), self.dec_values[0][1]
         else:  # no image yet: prev is -1, so this placeholder is never read (MMFS then outputs its bias)
-            dec, shapes = cond.new_zeros(1, 4, m.adapter.vit.cfg.hidden_size), torch.tensor([[1, 1]] * 4)
+            dec, shapes = cond.new_zeros(1, 4, m.visual_tokenizer.vit.cfg.hidden_size), torch.tensor([[1, 1]] * 4)
         prev_index = len(self.bois) - 2 if prev else -1  # images are numbered by their BoI, as in MMI.layout
-        values, visible = m.decoder_values(dec, shapes.to(self.device), as_tensor(prev_index))
-        return sample_images(m, cond, values, visible, steps, sampler, guidance, generator)[0]
+        ctx = m.image_decoder.context(dec, shapes.to(self.device), as_tensor(prev_index))
+        return m.image_decoder.sample(cond, ctx, steps, sampler, guidance, generator)[0]

@@ -29,23 +29,19 @@ row, -1 on padding; derived from <s> when absent).
 """
 import functools
 import json
-import os
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import released
 from llm import LLaMA, LLaMAConfig, RMSNorm
 from mmfs import MMFS, pixel_centres
 from tokenizer import mmi_tokenizer
-from diffusion import NoiseSchedule, cfg_combine
+from diffusion import NoiseSchedule, guided
 from unet import AutoencoderKL, UNet, UNetConfig, VAEConfig
 from vit import CLIPVisionConfig, ViTAdapter, VisionTransformer, resize01, sincos_1d, sincos_2d, sincos_2d_resized
-from weights import CheckpointError, check_finite, open_checkpoint, read_json
 
 # The 2 new LM-head rows (BoI, <|image|>): a frozen part (weight 0, bias NEW_ROW_OFFSET) plus a trainable Linear
 # (weight 0, bias BOI_INIT_LOGIT - NEW_ROW_OFFSET): both start at logit BOI_INIT_LOGIT (official)
@@ -257,6 +253,18 @@ class Resampler(nn.Module):
 # MMFS inside the LLM
 
 
+def document_ids(tokens, bos_id):
+    """[B, T] token ids -> the document index of each position: a document starts at each <s>."""
+    return (tokens == bos_id).long().cumsum(-1)
+
+
+def sees(token_doc, token_pos, image_doc, image_pos):
+    """The visibility rule (official): a token sees an image of its own document once past the image's BoI (from its
+    first <|image|> on; the BoI itself does not). [B, T] documents / positions of tokens and [B, N] of images (their
+    BoI) -> [B, T, N] bool."""
+    return (token_doc[:, :, None] == image_doc[:, None, :]) & (token_pos[:, :, None] > image_pos[:, None, :])
+
+
 @dataclass
 class ImageLayout:
     """Where the N images of a [B, T] batch are (row-major order of their BoI = the order of batch["images"]) and
@@ -306,29 +314,218 @@ class GatedMMFS(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# The model
+# The image tokenizer (Fig. 2, left): image -> image tokens for the LLM + multi-scale maps for MMFS
+
+
+def flatten_maps(maps):
+    """list of L maps [N, Dv, h, w] -> (values [N, sum h*w, Dv], shapes [L, 2]): the layout MMFS samples from."""
+    values = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], 1)
+    return values, torch.tensor([m.shape[-2:] for m in maps], dtype=torch.long, device=values.device)
+
+
+class VisualTokenizer(nn.Module):
+    """CLIP ViT + ViT-Adapter -> 4 multi-scale maps; its tokens at the ViT's width Dv: Linear -> LN, + 2D sin-cos ->
+    LN -> Perceiver resampler (its cross-attention maps Dv to res_dim) -> n_image_tokens embeddings of the LLM's
+    width (official VisualTokenizer: pos_proj, pos_ln, post_ln, perceiver_resampler, proj)."""
+
+    def __init__(self, cfg: MMIConfig, llm_dim, vit=None):
+        super().__init__()
+        vit = vit or VisionTransformer(CLIPVisionConfig(**cfg.vision))
+        self.adapter = ViTAdapter(vit, **cfg.adapter)
+        Dv, self.grid = vit.cfg.hidden_size, vit.cfg.image_size // vit.cfg.patch_size
+        self.proj = nn.Linear(Dv, Dv)
+        self.proj_norm, self.pos_norm = nn.LayerNorm(Dv, eps=1e-6), nn.LayerNorm(Dv, eps=1e-6)
+        self.resampler = Resampler(cfg.n_image_tokens, cfg.res_dim, cfg.res_layers, cfg.res_heads, Dv, llm_dim,
+                                   cfg.res_ffn, cfg.res_cross_every, qk_norm=True, dropout=cfg.res_dropout,
+                                   out_std=cfg.res_out_std, init_std=cfg.res_init_std)
+
+    @property
+    def vit(self):
+        return self.adapter.vit
+
+    def forward(self, images01):
+        """[N, 3, H, W] in [0, 1] -> (embeddings [N, n_image_tokens, D] for the <|image|> slots, 4 maps
+        [N, Dv, h, w], finest first)."""
+        tokens, maps = self.adapter(images01)
+        x = self.proj_norm(self.proj(tokens.to(self.proj.weight.dtype)))         # (N, 1+g*g, Dv)
+        g, Dv = self.grid, x.shape[-1]
+        pos = torch.cat([x.new_zeros(1, Dv), sincos_2d(g, g, Dv, x.device, x.dtype)])  # class token: no position
+        return self.resampler(self.pos_norm(x + pos)), maps
+
+
+# -----------------------------------------------------------------------------
+# The image decoder (Fig. 2, right): LLM states + the previous image's maps -> condition -> U-Net with MMFS taps
+
+
+@dataclass
+class DecoderContext:
+    """What the U-Net's MMFS taps read while n images are denoised: each one's previous image of its document
+    (official: the decoder looks back at that one image only)."""
+    values: torch.Tensor         # (n, 1, S, Dv) the previous image's four adapter levels, flattened (any values
+                                 # where there is none: never read)
+    shapes: torch.Tensor         # (4, 2) (H, W) of the levels
+    has_prev: torch.Tensor       # (n,) bool: the image has a previous image
+    projected: list | None = None  # per tap: its project_values of values[has_prev], when already known (sampling
+                                   # projects once for all steps)
+
+    def doubled(self):
+        """The same context for a batch doubled (the conditional and unconditional halves of guidance)."""
+        proj = None if self.projected is None else [torch.cat([p, p]) for p in self.projected]
+        return DecoderContext(torch.cat([self.values, self.values]), self.shapes,
+                              torch.cat([self.has_prev, self.has_prev]), proj)
+
+
+class UNetTap(nn.Module):
+    """MMFS on one U-Net skip (or the mid block): LayerNorm(skip) + 2D sin-cos queries read the previous image's
+    four levels (their own LayerNorm), through a ControlNet-style zero-initialised 1x1 conv (a per-pixel Linear:
+    the same, faster on a CPU) added to the skip (official "MMFS in the UNet")."""
+
+    def __init__(self, channels, vis_dim, cfg: MMIConfig, grid):
+        super().__init__()
+        self.norm_q, self.norm_v = nn.LayerNorm(channels, eps=1e-6), nn.LayerNorm(vis_dim, eps=1e-6)
+        self.mmfs = MMFS(channels, vis_dim, cfg.dec_mmfs_heads, 4, cfg.dec_mmfs_points, head_dim=cfg.dec_mmfs_head_dim,
+                         offset_init=cfg.dec_mmfs_offset_init, max_images=1, base_grid=grid)
+        self.zero = nn.Linear(channels, channels)
+        nn.init.zeros_(self.zero.weight)
+        nn.init.zeros_(self.zero.bias)
+
+    def project_values(self, values):
+        return self.mmfs.project_values(self.norm_v(values))
+
+    def forward(self, f, latent, projected, shapes, seen):
+        """f [B, C, H, W]; projected: values of the previous images of f[seen] -> f + zero-conv(MMFS)."""
+        B, C, H, W = f.shape
+        y = self.mmfs.output_proj.bias.expand(B, H * W, C)  # no previous image: MMFS reads only the null key
+        if len(seen):  # compute MMFS just for the images that have a previous image (exactly the same result)
+            pos = sincos_2d_resized(latent, H, W, C, f.device, f.dtype)  # one latent-size table, resized
+            q = self.norm_q(f[seen].flatten(2).transpose(1, 2)) + pos      # (b, H*W, C)
+            y = y.index_copy(0, seen, self.mmfs(q, pixel_centres(H, W, f.device), projected, shapes,
+                                                q.new_ones(len(seen), H * W, 1, dtype=torch.bool),
+                                                value_projected=True))
+        return f + self.zero(y).transpose(1, 2).reshape(B, C, H, W).to(f.dtype)
+
+
+class ImageDecoder(nn.Module):
+    """LLM states from the document's <s> to an image's BoI, reversed (BoI first) -> Linear + 1D sin-cos ->
+    resampler -> U-Net context (the null condition replaces it for null_prob of the images in training); the U-Net
+    denoises with MMFS taps on its skips reading the previous image; VAE and noise schedule around it."""
+
+    def __init__(self, cfg: MMIConfig, llm_dim, vis_dim, unet=None, vae=None):
+        super().__init__()
+        self.cfg = cfg
+        self.unet = unet or UNet(UNetConfig.from_dict(cfg.unet))
+        C = self.unet.cfg.cross_attention_dim
+        if cfg.dec_dim != C:
+            raise ValueError(f"dec_dim {cfg.dec_dim} must be the U-Net's cross-attention width {C} (official: the "
+                             "decoder resampler has no output Linear)")
+        self.context_proj = nn.Linear(llm_dim, llm_dim)
+        self.resampler = Resampler(cfg.dec_queries, C, cfg.dec_layers, cfg.dec_heads, llm_dim, ffn=cfg.dec_ffn,
+                                   init_std=cfg.dec_init_std)
+        self.null_cond = nn.Parameter(torch.randn(cfg.dec_queries, C))  # official: SD's text encoding of ""
+        self.vae = vae if vae is not None else AutoencoderKL(VAEConfig.from_dict(cfg.vae)) if cfg.vae else None
+        self.latent = cfg.image_size // (8 if self.vae is not None else 1)
+        self.taps = nn.ModuleList(UNetTap(c, vis_dim, cfg, (self.latent // s, self.latent // s))
+                                  for c, s in (self.unet.taps if cfg.use_mmfs else []))
+        self.schedule = NoiseSchedule(**cfg.schedule)
+
+    def condition(self, h, rows, starts, ends):
+        """States h [B, T, D]; image i's document is row rows[i] from starts[i] to its BoI at ends[i] ->
+        U-Net context [n, dec_queries, C]."""
+        lens = ends - starts + 1
+        L = int(lens.max())
+        ar = torch.arange(L, device=h.device)
+        idx = (ends[:, None] - ar).clamp(min=0)                                      # (n, L): BoI, BoI-1, ...
+        x = self.context_proj(h[rows[:, None], idx].to(self.context_proj.weight.dtype))  # (n, L, D)
+        x = x + sincos_1d(L, x.shape[-1], x.device, x.dtype)
+        return self.resampler(x, ar < lens[:, None])
+
+    def context(self, values, shapes, prev):
+        """All images' four levels [N, S, Dv] (flatten_maps) and, per image to draw, the index of its previous
+        image or -1 -> DecoderContext."""
+        return DecoderContext(values[prev.clamp(min=0)][:, None], shapes, prev >= 0)
+
+    def project(self, ctx: DecoderContext):
+        """ctx with each tap's projected values filled in (once for all denoising steps)."""
+        values = ctx.values[ctx.has_prev]
+        return DecoderContext(ctx.values, ctx.shapes, ctx.has_prev, [tap.project_values(values) for tap in self.taps])
+
+    def denoise(self, x, t, cond, ctx: DecoderContext):
+        """The U-Net's prediction for x_t at timesteps t [n], with the MMFS residuals on its skips and mid block."""
+        skips, mid, emb = self.unet.down(x, t, cond)
+        if not self.taps:  # use_mmfs=False: the plain U-Net
+            return self.unet.up(skips, mid, emb, cond)
+        seen = ctx.has_prev.nonzero(as_tuple=True)[0]
+        projected = ctx.projected if ctx.projected is not None else self.project(ctx).projected
+        feats = [tap(f, self.latent, v, ctx.shapes, seen) for f, tap, v in zip([*skips, mid], self.taps, projected)]
+        return self.unet.up(feats[:-1], feats[-1], emb, cond)
+
+    def random_draws(self, n, device):
+        """The diffusion loss's randomness for n images, in one method so that a test can replay the authors' draws:
+        (uniform [n] for the null-condition draw, the VAE posterior's standard-normal draw (None in pixel space),
+        noise, timesteps [n])."""
+        shape = (n, self.unet.cfg.in_channels, self.latent, self.latent)
+        uniform = torch.rand(n, device=device)
+        vae_eps = torch.randn(shape, device=device) if self.vae is not None else None
+        return uniform, vae_eps, torch.randn(shape, device=device), torch.randint(0, self.schedule.N, (n,), device=device)
+
+    def loss(self, cond, images01, ctx: DecoderContext):
+        """Per-image diffusion loss [n] (mean squared error of the prediction, official) of images [n, 3, H, W] in
+        [0, 1] given their conditions [n, Q, C]."""
+        uniform, vae_eps, noise, t = self.random_draws(len(images01), cond.device)
+        if self.training:  # classifier-free guidance: the null condition for null_prob of the images
+            cond = torch.where((uniform < self.cfg.null_prob)[:, None, None], self.null_cond.to(cond.dtype), cond)
+        with torch.no_grad():
+            x0 = self.to_latent(images01, vae_eps)
+        noise = noise.to(x0)
+        pred = self.denoise(self.schedule.add_noise(x0, noise, t), t, cond, ctx)
+        return (pred.float() - self.schedule.target(x0, noise, t).float()).square().flatten(1).mean(1)
+
+    @torch.no_grad()
+    def sample(self, cond, ctx: DecoderContext, steps=25, sampler="ddim", guidance=2.0, generator=None):
+        """cond [n, Q, C] -> images [n, 3, H, W] in [0, 1]. The unconditional branch of guidance uses the null
+        condition and the same MMFS context (official), its values projected once for all steps."""
+        n = cond.shape[0]
+        noise = torch.randn(n, self.unet.cfg.in_channels, self.latent, self.latent, generator=generator,
+                            device=cond.device, dtype=self.unet.conv_in.weight.dtype)
+        ctx = self.project(ctx)
+        if guidance == 1.0:
+            fn = lambda x, t: self.denoise(x, t, cond, ctx)  # noqa: E731
+        else:
+            both, ctx2 = torch.cat([cond, self.null_cond.to(cond.dtype).expand(n, -1, -1)]), ctx.doubled()
+            fn = guided(lambda x, t: self.denoise(x, t, both, ctx2), guidance)
+        return self.from_latent(self.schedule.sample(fn, noise, steps=steps, sampler=sampler, generator=generator))
+
+    def to_latent(self, x01, eps=None):
+        """Images in [0, 1] -> a sample of the VAE posterior (eps: its standard-normal draw), scaled."""
+        x = resize01(x01, self.cfg.image_size) * 2 - 1
+        if self.vae is None:
+            return x
+        mean, logvar = self.vae.encode(x.to(next(self.vae.parameters()).dtype))
+        eps = torch.randn_like(mean) if eps is None else eps.to(mean)
+        return (mean + (0.5 * logvar).exp() * eps) * self.vae.scaling_factor
+
+    def from_latent(self, z):
+        if self.vae is not None:
+            z = self.vae.decode(z.to(next(self.vae.parameters()).dtype) / self.vae.scaling_factor)
+        return ((z.float() + 1) / 2).clamp(0, 1)
+
+
+# -----------------------------------------------------------------------------
+# The model (Fig. 2): image tokenizer, LLM with MMFS, text head, image decoder
 
 
 class MMI(nn.Module):
     def __init__(self, cfg: MMIConfig, vit=None, llm=None, unet=None, vae=None):
         super().__init__()
         self.cfg = cfg
-        # (1) image tokenizer: ViT + adapter -> tokens and 4 maps; at the ViT's width Dv: Linear -> LN + 2D sin-cos
-        # -> LN -> resampler (its cross-attention maps Dv to res_dim)
-        vit = vit or VisionTransformer(CLIPVisionConfig(**cfg.vision))
-        self.adapter = ViTAdapter(vit, **cfg.adapter)
-        Dv, self.grid = vit.cfg.hidden_size, vit.cfg.image_size // vit.cfg.patch_size
         self.llm = llm or LLaMA(LLaMAConfig(**cfg.llm))
         D, V = self.llm.cfg.dim, self.llm.cfg.vocab_size
-        self.vis_proj = nn.Linear(Dv, Dv)
-        self.vis_ln1, self.vis_ln2 = nn.LayerNorm(Dv, eps=1e-6), nn.LayerNorm(Dv, eps=1e-6)
-        self.resampler = Resampler(cfg.n_image_tokens, cfg.res_dim, cfg.res_layers, cfg.res_heads, Dv, D, cfg.res_ffn,
-                                   cfg.res_cross_every, qk_norm=True, dropout=cfg.res_dropout, out_std=cfg.res_out_std,
-                                   init_std=cfg.res_init_std)
-        # (2) LLM: MMFS in layers 0, k, 2k, ...; BoI embedding = frozen base row + learnable zero-init vector;
+        self.visual_tokenizer = VisualTokenizer(cfg, D, vit)
+        Dv, grid = self.visual_tokenizer.vit.cfg.hidden_size, self.visual_tokenizer.grid
+        # LLM: MMFS in layers 0, k, 2k, ...; BoI embedding = frozen base row + learnable zero-init vector;
         # LM head + 2 rows (NEW_ROW_OFFSET, BOI_INIT_LOGIT above)
         for i in range(0, self.llm.cfg.n_layers, cfg.mmfs_every) if cfg.use_mmfs else []:
-            self.llm.insert(i, GatedMMFS(D, Dv, cfg, self.llm.cfg.norm_eps, self.grid))
+            self.llm.insert(i, GatedMMFS(D, Dv, cfg, self.llm.cfg.norm_eps, grid))
         self.register_buffer("boi_base", torch.randn(D) * 0.02)  # stands for the resized table's new row
         self.boi = nn.Parameter(torch.zeros(D))
         self.new_head = nn.Linear(D, 2)
@@ -337,52 +534,20 @@ class MMI(nn.Module):
         # the frozen bias of the extended LM head (official text_decoder.head.bias): 0 on the LLM's rows
         self.head_bias = nn.Parameter(torch.cat([torch.zeros(V), torch.full((2,), NEW_ROW_OFFSET)]),
                                       requires_grad=False)
-        # (3) image decoder: context projection + 1D sin-cos -> resampler -> U-Net context; MMFS on U-Net skips
-        self.unet = unet or UNet(UNetConfig.from_dict(cfg.unet))
-        C = self.unet.cfg.cross_attention_dim
-        if cfg.dec_dim != C:
-            raise ValueError(f"dec_dim {cfg.dec_dim} must be the U-Net's cross-attention width {C} (official: the "
-                             "decoder resampler has no output Linear)")
-        self.ctx_proj = nn.Linear(D, D)
-        self.dec_resampler = Resampler(cfg.dec_queries, C, cfg.dec_layers, cfg.dec_heads, D, ffn=cfg.dec_ffn,
-                                       init_std=cfg.dec_init_std)
-        self.null_cond = nn.Parameter(torch.randn(cfg.dec_queries, C))  # official: SD's text encoding of ""
-        self.vae = vae if vae is not None else AutoencoderKL(VAEConfig.from_dict(cfg.vae)) if cfg.vae else None
-        self.latent = cfg.image_size // (8 if self.vae is not None else 1)
-        # each tap: LayerNorm(skip) + 2D sin-cos queries; its own LayerNorm over all four adapter levels of the
-        # previous image as values
-        taps = self.unet.taps if cfg.use_mmfs else []
-        self.dec_norm_q = nn.ModuleList(nn.LayerNorm(c, eps=1e-6) for c, _ in taps)
-        self.dec_norm_v = nn.ModuleList(nn.LayerNorm(Dv, eps=1e-6) for _ in taps)
-        self.dec_mmfs = nn.ModuleList(
-            MMFS(c, Dv, cfg.dec_mmfs_heads, 4, cfg.dec_mmfs_points, head_dim=cfg.dec_mmfs_head_dim,
-                 offset_init=cfg.dec_mmfs_offset_init, max_images=1, base_grid=(self.latent // s, self.latent // s))
-            for c, s in taps)
-        # ControlNet-style zero-initialised 1x1 convs, written as the per-pixel Linear they are (faster on a CPU)
-        self.dec_zero = nn.ModuleList(nn.Linear(c, c) for c, _ in taps)
-        for conv in self.dec_zero:
-            nn.init.zeros_(conv.weight)
-            nn.init.zeros_(conv.bias)
+        self.image_decoder = ImageDecoder(cfg, D, Dv, unet, vae)
         self.freeze()
 
-    # --- bookkeeping --------------------------------------------------------------------------------------------
     def freeze(self):
         """The paper's freezing: ViT, LLaMA (embeddings, blocks, LM head) and VAE frozen; the rest trains."""
         if self.cfg.freeze_vit:
-            self.adapter.vit.requires_grad_(False)
+            self.visual_tokenizer.vit.requires_grad_(False)
         if self.cfg.freeze_llm:
             for name, p in self.llm.named_parameters():
                 p.requires_grad_(".inserted." in name)
-        if self.vae is not None:
-            self.vae.requires_grad_(False)
-        if self.cfg.freeze_unet:  # the U-Net only: its MMFS taps (dec_*) are new modules and train
-            self.unet.requires_grad_(False)
-
-    @property
-    def schedule(self):
-        if not hasattr(self, "_schedule"):
-            self._schedule = NoiseSchedule(**self.cfg.schedule)
-        return self._schedule
+        if self.image_decoder.vae is not None:
+            self.image_decoder.vae.requires_grad_(False)
+        if self.cfg.freeze_unet:  # the U-Net only: its MMFS taps are new modules and train
+            self.image_decoder.unet.requires_grad_(False)
 
     @functools.cached_property
     def tok(self):
@@ -392,27 +557,13 @@ class MMI(nn.Module):
         assert (tok.boi_id, tok.image_id) == (self.cfg.boi_id, self.cfg.image_id)
         return tok
 
-    # --- image tokenizer ----------------------------------------------------------------------------------------
-    def encode_images(self, images01):
-        """[N, 3, H, W] in [0, 1] -> (embeddings [N, n_tok, D] for the <|image|> slots, maps: 4 x [N, Dv, h, w])."""
-        tokens, maps = self.adapter(images01)
-        x = self.vis_ln1(self.vis_proj(tokens.to(self.vis_proj.weight.dtype)))    # (N, 1+g*g, Dv)
-        g, Dv = self.grid, x.shape[-1]
-        pos = torch.cat([x.new_zeros(1, Dv), sincos_2d(g, g, Dv, x.device, x.dtype)])  # class token: no position
-        return self.resampler(self.vis_ln2(x + pos)), maps
-
-    @staticmethod
-    def flatten_maps(maps):  # list of [N, Dv, h, w] -> ([N, sum h*w, Dv], shapes [L, 2])
-        values = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], 1)
-        return values, torch.tensor([m.shape[-2:] for m in maps], dtype=torch.long, device=values.device)
-
-    # --- sequence -----------------------------------------------------------------------------------------------
+    # --- a batch's sequence ---------------------------------------------------------------------------------------
     def layout(self, tokens, doc_ids=None) -> ImageLayout:
         """Where the images are in a [B, T] batch and what each token may see: see ImageLayout."""
         B, T = tokens.shape
         bos, dev = self.tok.bos_id, tokens.device
         if doc_ids is None:
-            doc_ids = (tokens == bos).long().cumsum(1)
+            doc_ids = document_ids(tokens, bos)
         rows, pos = (tokens == self.cfg.boi_id).nonzero(as_tuple=True)  # (N,), (N,)
         N = rows.shape[0]
         doc = doc_ids[rows, pos]
@@ -422,9 +573,7 @@ class MMI(nn.Module):
         n_max = int(slot.max()) + 1 if N else 0
         img_doc = torch.full((B, n_max), -2, dtype=doc.dtype, device=dev).index_put((rows, slot), doc)
         img_pos = torch.full((B, n_max), T, dtype=pos.dtype, device=dev).index_put((rows, slot), pos)
-        t = torch.arange(T, device=dev)
-        # token t sees image n iff same document and t is after its BoI (>= its first <|image|>): BoI doesn't see it
-        visible = (doc_ids[:, :, None] == img_doc[:, None, :]) & (t[None, :, None] > img_pos[:, None, :])
+        visible = sees(doc_ids, torch.arange(T, device=dev)[None], img_doc, img_pos)  # (B, T, n_max)
         same = torch.zeros(N, dtype=torch.bool, device=dev)
         if N > 1:
             same[1:] = (rows[1:] == rows[:-1]) & (doc[1:] == doc[:-1])
@@ -466,267 +615,57 @@ class MMI(nn.Module):
         ignore = (tgt == self.tok.pad_id) | (tgt == self.cfg.image_id) | (tgt == bos) | \
                  ((tgt == self.cfg.boi_id) & (inp == bos))
         if pairs:
-            doc = (tokens == bos).long().cumsum(1) if doc_ids is None else doc_ids
+            doc = document_ids(tokens, bos) if doc_ids is None else doc_ids
             boi = (tokens == self.cfg.boi_id).long().cumsum(1)                    # BoIs up to and including t
             at_start = torch.where(doc[:, 1:] != doc[:, :-1], boi[:, :-1], 0)     # BoIs before each document
             first = torch.cat([boi.new_zeros(boi.shape[0], 1), at_start], 1).cummax(1).values
             ignore |= (boi == first)[:, 1:]                                       # none in the document so far
         return tgt.masked_fill(ignore, -100)
 
-    # --- image decoder ------------------------------------------------------------------------------------------
-    def condition(self, h, rows, starts, ends):
-        """LLM states from each document start to its BoI, reversed (BoI first) -> Linear + 1D sin-cos ->
-        resampler -> U-Net context [n, dec_queries, C]."""
-        lens = ends - starts + 1
-        L = int(lens.max())
-        ar = torch.arange(L, device=h.device)
-        idx = (ends[:, None] - ar).clamp(min=0)                                  # (n, L): BoI, BoI-1, ...
-        x = self.ctx_proj(h[rows[:, None], idx].to(self.ctx_proj.weight.dtype))  # (n, L, D)
-        x = x + sincos_1d(L, x.shape[-1], x.device, x.dtype)
-        return self.dec_resampler(x, ar < lens[:, None])
-
-    def project_decoder_values(self, values):
-        """values [n, 1, S, Dv] of the images that have a previous image -> what each U-Net MMFS samples from: its
-        projection of the values normed by its own LayerNorm."""
-        return [mmfs.project_values(norm(values)) for norm, mmfs in zip(self.dec_norm_v, self.dec_mmfs)]
-
-    def denoise(self, x, t, cond, values, visible, projected=None):
-        """U-Net prediction with MMFS residuals on the skips and mid block (official "MMFS in the UNet").
-        values ([n, 1, S, Dv] flattened 4 adapter levels of the previous image, shapes), visible [n] bool;
-        projected: project_decoder_values(values[0][visible]) when already known (sampling: once for all steps)."""
-        skips, mid, emb = self.unet.down(x, t, cond)
-        if not self.dec_mmfs:  # use_mmfs=False: the plain U-Net
-            return self.unet.up(skips, mid, emb, cond)
-        shapes = values[1]
-        seen = visible.nonzero(as_tuple=True)[0]
-        projected = projected if projected is not None else self.project_decoder_values(values[0][seen])
-        feats = []
-        for f, norm, mmfs, conv, v in zip([*skips, mid], self.dec_norm_q, self.dec_mmfs, self.dec_zero, projected):
-            B, C, H, W = f.shape
-            y = mmfs.output_proj.bias.expand(B, H * W, C)  # no previous image: MMFS reads only the null key
-            if len(seen):  # compute MMFS just for the images that have a previous image (exactly the same result)
-                pos = sincos_2d_resized(self.latent, H, W, C, f.device, f.dtype)  # one latent-size table, resized
-                q = norm(f[seen].flatten(2).transpose(1, 2)) + pos               # (b, H*W, C)
-                y = y.index_copy(0, seen, mmfs(q, pixel_centres(H, W, f.device), v, shapes,
-                                               q.new_ones(len(seen), H * W, 1, dtype=torch.bool), value_projected=True))
-            feats.append(f + conv(y).transpose(1, 2).reshape(B, C, H, W).to(f.dtype))
-        return self.unet.up(feats[:-1], feats[-1], emb, cond)
-
-    def to_latent(self, x01, eps=None):
-        """Images in [0, 1] -> a sample of the VAE posterior (eps: its standard-normal draw), scaled."""
-        x = resize01(x01, self.cfg.image_size) * 2 - 1
-        if self.vae is None:
-            return x
-        mean, logvar = self.vae.encode(x.to(next(self.vae.parameters()).dtype))
-        eps = torch.randn_like(mean) if eps is None else eps.to(mean)
-        return (mean + (0.5 * logvar).exp() * eps) * self.vae.scaling_factor
-
-    def from_latent(self, z):
-        if self.vae is not None:
-            z = self.vae.decode(z.to(next(self.vae.parameters()).dtype) / self.vae.scaling_factor)
-        return ((z.float() + 1) / 2).clamp(0, 1)
-
-    def decoder_values(self, dec_values, shapes, prev):
-        """MMFS values of the previous image of each image to generate (prev = index or -1)."""
-        return (dec_values[prev.clamp(min=0)][:, None], shapes), prev >= 0
-
     # --- the whole model ----------------------------------------------------------------------------------------
     def llm_inputs(self, tokens, images=None, doc_ids=None):
         """tokens [B, T], images [N, 3, H, W] in [0, 1] (one per BoI, row-major) -> (input embeddings [B, T, D], the
-        LLM's VisualContext or None, the ImageLayout, the decoder's MMFS values: (all four adapter levels
-        [N, S, Dv], shapes) or None)."""
+        LLM's VisualContext or None, the ImageLayout, every image's four levels for the decoder: (values [N, S, Dv],
+        shapes) or None)."""
         lay = self.layout(tokens, doc_ids)
         N = lay.rows.shape[0]
         if (0 if images is None else images.shape[0]) != N:
             raise ValueError(f"batch has {N} BoI tokens but {0 if images is None else images.shape[0]} images")
-        emb = ctx = dec = None
+        emb = ctx = maps = None
         if N:
-            emb, maps = self.encode_images(images)
-            ctx = self.visual_context(lay, *self.flatten_maps(maps[1:]), tokens.shape[0])  # levels 32/16/8 px
-            dec = self.flatten_maps(maps)                                                  # all four levels
-        return self.embed(tokens, emb), ctx, lay, dec
+            emb, maps = self.visual_tokenizer(images)
+            ctx = self.visual_context(lay, *flatten_maps(maps[1:]), tokens.shape[0])  # levels 32/16/8 px
+            maps = flatten_maps(maps)                                                 # all four levels
+        return self.embed(tokens, emb), ctx, lay, maps
 
     def hidden_states(self, tokens, images=None, doc_ids=None):
-        """-> (final LLM states [B, T, D], the ImageLayout, the decoder's MMFS values), as llm_inputs."""
-        x, ctx, lay, dec = self.llm_inputs(tokens, images, doc_ids)
-        return self.llm.forward_hidden(embeds=x, ctx=ctx), lay, dec                       # (B, T, D)
+        """-> (final LLM states [B, T, D], the ImageLayout, every image's four levels), as llm_inputs."""
+        x, ctx, lay, maps = self.llm_inputs(tokens, images, doc_ids)
+        return self.llm.forward_hidden(embeds=x, ctx=ctx), lay, maps                   # (B, T, D)
 
-    def forward(self, batch, draws=None):
+    def forward(self, batch):
         """The two losses of the paper (section 3.3): next-token cross-entropy on text, and the diffusion loss of
         every image that has text before it, conditioned on the LLM states up to its BoI.
-        Optional batch keys: doc_ids; images_dec [N, 3, S, S] (the decoder's own crops; default: images resized);
-        pairs (True: the image-text-pair text rule of text_targets).
-        draws: replay the random draws, each for all N images (official names): noise, timesteps, vae_eps, and
-        uncond_rand (null condition where < null_prob; applied in eval mode too when given)."""
+        batch: tokens, images; optional doc_ids, images_dec [N, 3, S, S] (the decoder's own crops; default: images
+        resized) and pairs (True: the image-text-pair text rule of text_targets)."""
         tokens, images = batch["tokens"], batch.get("images")
-        h, lay, dec = self.hidden_states(tokens, images, batch.get("doc_ids"))
-        tgt = self.text_targets(tokens, batch.get("pairs", False), batch.get("doc_ids"))
-        text_loss = F.cross_entropy(self.logits(h[:, :-1]).flatten(0, 1), tgt.flatten(), ignore_index=-100)
-        n_text = int((tgt != -100).sum())
+        h, lay, maps = self.hidden_states(tokens, images, batch.get("doc_ids"))
+        targets = self.text_targets(tokens, batch.get("pairs", False), batch.get("doc_ids"))
+        text_loss = F.cross_entropy(self.logits(h[:, :-1]).flatten(0, 1), targets.flatten(), ignore_index=-100)
+        n_text = int((targets != -100).sum())
         if n_text == 0:
             text_loss = h.sum() * 0.0
-
-        sel = lay.has_context.nonzero(as_tuple=True)[0]  # no image loss when the context is only <s> BoI
+        drawn = lay.has_context.nonzero(as_tuple=True)[0]  # no image loss when the context is only <s> BoI
         image_loss = text_loss.new_zeros(())
-        if len(sel):
-            d = {k: v[sel.to(v.device)] for k, v in (draws or {}).items()}  # the draws of the images with a loss
-            cond = self.condition(h, lay.rows[sel], lay.start[sel], lay.pos[sel])
-            if self.training or "uncond_rand" in d:  # classifier-free guidance: the null condition for 10%
-                u = d["uncond_rand"].reshape(-1) if "uncond_rand" in d else torch.rand(len(sel), device=cond.device)
-                drop = (u.to(cond.device) < self.cfg.null_prob)[:, None, None]
-                cond = torch.where(drop, self.null_cond.to(cond.dtype), cond)
-            with torch.no_grad():
-                x0 = self.to_latent(batch.get("images_dec", images)[sel], d.get("vae_eps"))
-            noise = d["noise"].to(x0) if "noise" in d else torch.randn_like(x0)
-            t = d["timesteps"].to(x0.device) if "timesteps" in d else \
-                torch.randint(0, self.schedule.N, (len(sel),), device=x0.device)
-            values, visible = self.decoder_values(*dec, lay.prev[sel])
-            pred = self.denoise(self.schedule.add_noise(x0, noise, t), t, cond, values, visible)
-            err = (pred.float() - self.schedule.target(x0, noise, t).float()).square().flatten(1).mean(1)
-            image_loss = err.sum() / len(lay.rows)  # a mean over ALL images, those without context as zeros (official)
-        loss = text_loss + self.cfg.image_loss_weight * image_loss
-        # every trainable parameter takes part in every step (a batch without images, or whose images have no
-        # context, would leave some unused): DDP then needs no find_unused_parameters. Adds exactly zero.
-        loss = loss + 0.0 * sum(p.reshape(-1)[0] for p in self.parameters() if p.requires_grad)
-        return dict(loss=loss, text_loss=text_loss.detach(), image_loss=image_loss.detach(), n_text=n_text,
-                    n_images=len(sel))
+        if len(drawn):
+            cond = self.image_decoder.condition(h, lay.rows[drawn], lay.start[drawn], lay.pos[drawn])
+            ctx = self.image_decoder.context(*maps, lay.prev[drawn])
+            losses = self.image_decoder.loss(cond, batch.get("images_dec", images)[drawn], ctx)
+            image_loss = losses.sum() / len(lay.rows)  # a mean over ALL images, those without context as zeros
+        return dict(loss=text_loss + self.cfg.image_loss_weight * image_loss, text_loss=text_loss.detach(),
+                    image_loss=image_loss.detach(), n_text=n_text, n_images=len(drawn))
 
-    # --- building, saving, training helpers ---------------------------------------------------------------------
-    @classmethod
-    def from_components(cls, clip, llm, sd, preset="official", dtype=None, null_cond=None, **overrides):
-        """Assemble from official folders: a CLIP model folder, a LLaMA-family folder (with tokenizer.model) and a
-        Stable Diffusion 2.x pipeline root. ViT and LLaMA load in `dtype` (default: as stored); U-Net and VAE fp32.
-        null_cond: optional [dec_queries, C] tensor (official: SD's text encoding of "")."""
-        vit = VisionTransformer.from_pretrained(clip, dtype)
-        lm = LLaMA.from_pretrained(llm, dtype)
-        unet, schedule = cls._stable_diffusion(sd, preset)
-        vae = AutoencoderKL.from_pretrained(sd, torch.float32)
-        cfg = MMIConfig.from_name(
-            preset, vision=asdict(vit.cfg), llm=asdict(lm.cfg), unet=asdict(unet.cfg), vae=asdict(vae.cfg),
-            schedule=schedule, components=dict(clip=str(clip), llm=str(llm), sd=str(sd)), **overrides)
-        model = cls(cfg, vit=vit, llm=lm, unet=unet, vae=vae)
-        with torch.no_grad():
-            model.boi_base.copy_(lm.embed.weight.float().mean(0))  # as a resized embedding table's new row
-            if null_cond is not None:
-                model.null_cond.copy_(null_cond)
-        return model
-
-    @staticmethod
-    def _stable_diffusion(sd, preset):
-        """The U-Net (fp32) and the schedule's settings of a Stable Diffusion folder (the preset's schedule if the
-        folder has none)."""
-        has_schedule = (Path(sd) / "scheduler" / "scheduler_config.json").is_file()
-        schedule = NoiseSchedule.from_pretrained(sd).config if has_schedule else PRESETS[preset]["schedule"]
-        return UNet.from_pretrained(sd, torch.float32), schedule
-
-    @classmethod
-    def on_stable_diffusion(cls, sd, preset="tiny", null_cond=None, **overrides):
-        """The tiny world built as the paper is built: the U-Net and schedule of a pretrained (tiny) Stable Diffusion
-        folder (tiny_sd.py), everything else of the preset new; null_cond: SD's text encoding of "" (paper: the null
-        condition starts there). The result is self-contained: save() stores its U-Net too."""
-        fixed = [k for k in overrides if k.partition(".")[0] in ("unet", "schedule")]
-        if fixed:
-            raise ValueError(f"{sd}: the U-Net and schedule come from the folder; cannot override {fixed}")
-        unet, schedule = cls._stable_diffusion(sd, preset)
-        model = cls(MMIConfig.from_name(preset, unet=asdict(unet.cfg), schedule=schedule, **overrides), unet=unet)
-        if null_cond is not None:
-            if null_cond.shape != model.null_cond.shape:
-                raise ValueError(f"{sd}: the empty caption encodes to {tuple(null_cond.shape)}, the decoder makes "
-                                 f"{tuple(model.null_cond.shape)} (dec_queries x context width must match)")
-            with torch.no_grad():
-                model.null_cond.copy_(null_cond)
-        return model
-
-    @classmethod
-    def from_released(cls, path, clip, llm, sd, config=None, dtype=None):
-        """The authors' released checkpoint: `path` a folder of their .bin shards of the whole model's state dict
-        (or one file); clip / llm / sd the component folders as for from_components; config the authors' model
-        settings (their YAML's model section, or fixture.json's model_config) where they differ from the release.
-        Every tensor is mapped by released.py (strict, lazy). The frozen ViT, LLaMA and VAE stay those of the
-        component folders (so save() / load() reproduce the model); the checkpoint's copies must agree with them."""
-        config = config or {}
-        model = cls.from_components(clip, llm, sd, dtype=dtype, **released.overrides(config))
-        released.check_config(config, model.cfg, "released config")
-        ckpt = released.released_checkpoint(path)
-        state = model.state_dict()
-        plan = released.convert(ckpt, state, ckpt.file_of)
-        frozen = model.official_keys()
-        missing = state.keys() - plan.keys() - frozen
-        if missing:
-            raise CheckpointError(f"{path}: the released checkpoint lacks {sorted(missing)[:10]}")
-        for k in sorted(frozen & plan.keys()):  # fp16/bf16 rounding passes, another component does not
-            ours, theirs = state[k].float(), plan.pop(k).float()
-            if (ours - theirs).abs().max() > 1e-2 * ours.abs().max():
-                raise CheckpointError(f"{path}: {k!r} differs from the component folders' (another CLIP / LLaMA / "
-                                      "VAE than the release was trained with?)")
-        released.assign(model, plan)
-        return model
-
-    def official_keys(self):
-        """State-dict keys that come frozen from official component files (not saved by save())."""
-        if not self.cfg.components:
-            return set()
-        keys = {"adapter.vit." + k for k in self.adapter.vit.state_dict()} if self.cfg.freeze_vit else set()
-        if self.cfg.freeze_llm:
-            keys |= {"llm." + k for k in self.llm.state_dict() if ".inserted." not in k}
-        return keys | {"vae." + k for k in self.vae.state_dict()}
-
-    def save(self, path):
-        """path/model.safetensors + path/config.json, each written to a temporary file then os.replace'd.
-        A model from from_components stores everything except the frozen official ViT, LLaMA and VAE tensors
-        (its U-Net is fine-tuned, so it is stored); load() reads those from cfg.components again."""
-        from safetensors.torch import save_file
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        skip, seen, tensors = self.official_keys(), set(), {}
-        for k, v in self.state_dict().items():
-            if k in skip:
-                continue
-            v = v.detach().cpu()
-            tensors[k] = v.clone() if v.data_ptr() in seen else v.contiguous()  # safetensors refuses shared memory
-            seen.add(v.data_ptr())
-        for name, write in [("model.safetensors", lambda f: save_file(tensors, f)),
-                            ("config.json", lambda f: Path(f).write_text(json.dumps(asdict(self.cfg), indent=1)))]:
-            tmp = path / f".{name}.tmp"
-            write(str(tmp))
-            os.chmod(tmp, 0o644)  # safetensors creates its files 0600; a model folder is for everyone to read
-            os.replace(tmp, path / name)
-
-    @classmethod
-    def load(cls, path, components=None, map_location="cpu"):
-        """Inverse of save(). components: override the official folders recorded in the config."""
-        path = Path(path)
-        file = path / "model.safetensors"
-        d = read_json(path / "config.json")
-        unknown = d.keys() - {f.name for f in fields(MMIConfig)}
-        if unknown:
-            raise CheckpointError(f"{path / 'config.json'}: unknown config keys {sorted(unknown)}")
-        cfg = MMIConfig(**d)
-        if cfg.components:
-            comp = {**cfg.components, **(components or {})}
-            keep = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in
-                    ("vision", "llm", "unet", "vae", "schedule", "components")}
-            model = cls.from_components(comp["clip"], comp["llm"], comp["sd"], **keep)
-        else:
-            model = cls(cfg)
-        ckpt = open_checkpoint(file)  # the checked reader: a truncated or corrupt file is a CheckpointError
-        tensors = {k: ckpt[k] for k in ckpt}
-        check_finite(tensors, str(file))  # NaN / inf weights would only show as a silent, blank demo
-        expected = model.state_dict()
-        for k in model.official_keys():
-            expected.pop(k)
-        missing, unexpected = expected.keys() - tensors.keys(), tensors.keys() - expected.keys()
-        if missing or unexpected:
-            raise CheckpointError(f"{file}: missing {sorted(missing)[:10]}, unexpected {sorted(unexpected)[:10]}")
-        with torch.no_grad():
-            for k, target in expected.items():
-                v = tensors[k]
-                if v.shape != target.shape:
-                    raise CheckpointError(f"{file}: tensor {k!r} has shape {tuple(v.shape)}, model expects "
-                                          f"{tuple(target.shape)}")
-                target.copy_(v)
-        return model.to(map_location)
-
+    # --- training helpers ---------------------------------------------------------------------------------------
     def param_groups(self, weight_decay=0.05, lr=None, lr_unet=None, lr_offsets=None):
         """AdamW groups (official rules): lr_offsets for every sampling_offsets layer, lr_unet for the U-Net, lr for
         the rest; no weight decay on biases, nn.LayerNorm parameters, MMFS gates and sampling offsets. Decayed, as
@@ -734,7 +673,7 @@ class MMI(nn.Module):
         adapter's gammas, the BoI vector, embeddings and queries."""
         lr, lr_unet = lr or self.cfg.lr, lr_unet or self.cfg.lr_unet
         lr_offsets = lr_offsets or self.cfg.lr_offsets
-        unet_ids = {id(p) for p in self.unet.parameters()}
+        unet_ids = {id(p) for p in self.image_decoder.unet.parameters()}
         layer_norm = {id(p) for m in self.modules() if type(m) is nn.LayerNorm for p in m.parameters(recurse=False)}
         groups = {}
         for name, p in self.named_parameters():
@@ -749,28 +688,26 @@ class MMI(nn.Module):
 
     def set_grad_checkpointing(self, on=True):
         """Recompute activations in backward for ViT blocks, resampler layers, LLM blocks and U-Net blocks."""
-        for module in (self.adapter.vit, self.resampler, self.llm, self.unet):
+        for module in (self.visual_tokenizer.vit, self.visual_tokenizer.resampler, self.llm, self.image_decoder.unet):
             module.gradient_checkpointing = on
 
     def param_counts(self):
         """{component: (total, trainable)} parameter counts, split as the authors' modules are. The ViT's
         post-LayerNorm (in the CLIP file, never used; the authors' model has none) is not counted."""
-        named = dict(self.named_parameters())
-
-        def part(*prefixes):
-            return [p for n, p in named.items() if n.startswith(prefixes)]
-        parts_p = dict(
-            vit=[p for n, p in named.items() if n.startswith("adapter.vit.") and ".post_layernorm." not in n],
-            adapter=[p for n, p in named.items() if n.startswith("adapter.") and not n.startswith("adapter.vit.")],
-            resampler=part("vis_", "resampler."),
-            llm=[p for n, p in named.items() if n.startswith(("llm.embed.", "llm.layers.", "llm.norm."))
-                 and ".inserted." not in n],
-            llm_mmfs=[p for n, p in named.items() if ".inserted." in n],
-            text_head=part("llm.lm_head.", "head_bias", "new_head."),
-            boi=part("boi"),
-            decoder_context=part("ctx_proj.", "dec_resampler.", "null_cond"),
-            unet=part("unet."),
-            unet_mmfs=part("dec_norm_", "dec_mmfs.", "dec_zero."),
-            vae=part("vae."))
+        vt, dec, llm = self.visual_tokenizer, self.image_decoder, self.llm
+        mmfs = [m for b in llm.layers if b.inserted is not None for m in [b.inserted]]
+        parts = dict(
+            vit=[p for n, p in vt.vit.named_parameters() if "post_layernorm." not in n],
+            adapter=[p for n, p in vt.adapter.named_parameters() if not n.startswith("vit.")],
+            resampler=[*vt.proj.parameters(), *vt.proj_norm.parameters(), *vt.pos_norm.parameters(),
+                       *vt.resampler.parameters()],
+            llm=[p for n, p in llm.named_parameters() if not n.startswith("lm_head.") and ".inserted." not in n],
+            llm_mmfs=[p for m in mmfs for p in m.parameters()],
+            text_head=[*llm.lm_head.parameters(), self.head_bias, *self.new_head.parameters()],
+            boi=[self.boi],
+            decoder_context=[*dec.context_proj.parameters(), *dec.resampler.parameters(), dec.null_cond],
+            unet=list(dec.unet.parameters()),
+            unet_mmfs=list(dec.taps.parameters()),
+            vae=list(dec.vae.parameters()) if dec.vae is not None else [])
         return {k: (sum(p.numel() for p in ps), sum(p.numel() for p in ps if p.requires_grad))
-                for k, ps in parts_p.items()}
+                for k, ps in parts.items()}

@@ -5,10 +5,11 @@ The released MM-Interleaved checkpoint (the authors' whole-model state_dict, as 
     plan = convert(ckpt, targets)             # {our key: tensor}, strict: every official key is used or ignored
                                               # by a named rule, every shape is checked, errors name the key
     assign(model, plan)                       # one tensor at a time into the model's parameters and buffers
+    load_released(model, folder, config, frozen)   # all of it, into a model built from the component folders
 
 `targets` maps our state-dict keys to the tensors (or meta tensors) they must fill: their shapes decide how the
 official tensors are cut (the null-slot rows of each MMFS, the rows of the image-index embeddings, the LM head's
-new rows). MMI.from_released puts it together. The authors' module names are those of RULES below.
+new rows). load_released puts it together (checkpoints.build_model(released=...) calls it). The authors' module names are those of RULES below.
 """
 import math
 import re
@@ -19,8 +20,9 @@ import torch
 from vit import CLIP_MEAN, CLIP_STD, sincos_2d
 from weights import CheckpointError, open_checkpoint
 
-VT = "visual_tokenizer."
-VM = VT + "encoder.vision_model."
+THEIR_VT = "visual_tokenizer."                # the authors' visual tokenizer
+VM = THEIR_VT + "encoder.vision_model."
+VT, AD, ID = "visual_tokenizer.", "visual_tokenizer.adapter.", "image_decoder."  # ours
 
 
 def released_checkpoint(path):
@@ -128,24 +130,24 @@ TAP = r"image_decoder\.decoder\.mmfs_module\.mmfs_down_blocks\.(\d+)\."
 RULES = [
     # ViT + adapter (vit.ViTAdapter); the official stem = [conv, LN, ReLU] x 3 + maxpool in one Sequential
     (re.escape(VM) + r"adapter_spm\.stem\.(\d+)\.(.*)",
-     [(lambda m: f"adapter.spm.stem.{int(m[1]) // 3}.{int(m[1]) % 3}.{m[2]}", same)]),
-    (re.escape(VM) + r"adapter_spm\.(.*)", [(r"adapter.spm.\1", same)]),
+     [(lambda m: f"{AD}spm.stem.{int(m[1]) // 3}.{int(m[1]) % 3}.{m[2]}", same)]),
+    (re.escape(VM) + r"adapter_spm\.(.*)", [(AD + r"spm.\1", same)]),
     (re.escape(VM) + r"adapter_interactions\.(.*)\.dwconv\.dwconv\.(.*)",
-     [(r"adapter.interactions.\1.dwconv.\2", same)]),
-    (re.escape(VM) + r"adapter_interactions\.(.*)", [(r"adapter.interactions.\1", same)]),
-    (re.escape(VM) + r"adapter_level_embed", [("adapter.level_embed", same)]),
-    (re.escape(VM) + r"adapter_up\.(.*)", [(r"adapter.up.\1", same)]),
+     [(AD + r"interactions.\1.dwconv.\2", same)]),
+    (re.escape(VM) + r"adapter_interactions\.(.*)", [(AD + r"interactions.\1", same)]),
+    (re.escape(VM) + r"adapter_level_embed", [(AD + "level_embed", same)]),
+    (re.escape(VM) + r"adapter_up\.(.*)", [(AD + r"up.\1", same)]),
     (r".*\.position_ids", [], None),  # index buffers
-    (re.escape(VM) + r"(embeddings|pre_layrnorm|encoder)\.(.*)", [(r"adapter.vit.\1.\2", same)]),
+    (re.escape(VM) + r"(embeddings|pre_layrnorm|encoder)\.(.*)", [(AD + r"vit.\1.\2", same)]),
     # image tokens: Linear + LN + sin-cos + LN at the ViT's width, Q-Former, output Linear into the LLM
-    (re.escape(VT) + r"pos_embed", [], sincos_table),
-    (re.escape(VT) + r"clip_mean", [], clip_constant(CLIP_MEAN)),
-    (re.escape(VT) + r"clip_std", [], clip_constant(CLIP_STD)),
-    (re.escape(VT) + r"pos_proj\.(.*)", [(r"vis_proj.\1", same)]),
-    (re.escape(VT) + r"pos_ln\.(.*)", [(r"vis_ln1.\1", same)]),
-    (re.escape(VT) + r"post_ln\.(.*)", [(r"vis_ln2.\1", same)]),
-    (re.escape(VT) + r"proj\.(.*)", [(r"resampler.out.\1", same)]),
-    *qformer(VT + "perceiver_resampler.", "resampler."),
+    (re.escape(THEIR_VT) + r"pos_embed", [], sincos_table),
+    (re.escape(THEIR_VT) + r"clip_mean", [], clip_constant(CLIP_MEAN)),
+    (re.escape(THEIR_VT) + r"clip_std", [], clip_constant(CLIP_STD)),
+    (re.escape(THEIR_VT) + r"pos_proj\.(.*)", [(VT + r"proj.\1", same)]),
+    (re.escape(THEIR_VT) + r"pos_ln\.(.*)", [(VT + r"proj_norm.\1", same)]),
+    (re.escape(THEIR_VT) + r"post_ln\.(.*)", [(VT + r"pos_norm.\1", same)]),
+    (re.escape(THEIR_VT) + r"proj\.(.*)", [(VT + r"resampler.out.\1", same)]),
+    *qformer(THEIR_VT + "perceiver_resampler.", VT + "resampler."),
     # LLM: LLaMA with MMFS in every k-th layer; the embedding table has the two new rows (BoI, <|image|>)
     (r"mm_decoder\.embed_tokens\.weight", [("llm.embed.weight", head_rows), ("boi_base", boi_row)]),
     (r"mm_decoder\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", [], None),
@@ -164,16 +166,16 @@ RULES = [
     (r"text_decoder\.head\.bias", [("head_bias", same)]),
     (r"text_decoder\.head_new\.(.*)", [(r"new_head.\1", same)]),
     # image decoder: context projection, Q-Former (no output Linear), null condition, U-Net + MMFS taps, VAE
-    (r"context_feat_proj\.(.*)", [(r"ctx_proj.\1", same)]),
-    (r"image_decoder\.neg_prompt_embeds", [("null_cond", reshape)]),
-    *qformer("image_decoder.perceiver_resampler.", "dec_resampler."),
-    (r"image_decoder\.decoder\.unet\.(.*)", [(r"unet.\1", same)]),
-    (r"image_decoder\.decoder\.vae\.(.*)", [(r"vae.\1", same)]),
+    (r"context_feat_proj\.(.*)", [(ID + r"context_proj.\1", same)]),
+    (r"image_decoder\.neg_prompt_embeds", [(ID + "null_cond", reshape)]),
+    *qformer("image_decoder.perceiver_resampler.", ID + "resampler."),
+    (r"image_decoder\.decoder\.unet\.(.*)", [(ID + r"unet.\1", same)]),
+    (r"image_decoder\.decoder\.vae\.(.*)", [(ID + r"vae.\1", same)]),
     (TAP + r"pos_embed", [], sincos_table),
-    (TAP + r"query_norm\.(.*)", [(r"dec_norm_q.\1.\2", same)]),
-    (TAP + r"feat_norm\.(.*)", [(r"dec_norm_v.\1.\2", same)]),
-    (TAP + r"conv\.(.*)", [(r"dec_zero.\1.\2", reshape)]),  # 1x1 conv -> per-pixel Linear
-    *mmfs(TAP + r"mmfs\.", r"dec_mmfs.\1."),
+    (TAP + r"query_norm\.(.*)", [(ID + r"taps.\1.norm_q.\2", same)]),
+    (TAP + r"feat_norm\.(.*)", [(ID + r"taps.\1.norm_v.\2", same)]),
+    (TAP + r"conv\.(.*)", [(ID + r"taps.\1.zero.\2", reshape)]),  # 1x1 conv -> per-pixel Linear
+    *mmfs(TAP + r"mmfs\.", ID + r"taps.\1.mmfs."),
 ]
 FOLD = {"new_head.weight"}  # the LM head's new rows (zero in the release) + head_new: one trainable Linear
 
@@ -237,6 +239,26 @@ def assign(module, plan, dtype=None):
         else:
             owner._buffers[attr] = value.contiguous()
     return module
+
+
+def load_released(model, path, config, frozen):
+    """Fill `model`, assembled from the component folders the release was trained from (checkpoints.build_model:
+    from_components with overrides(config)), with the released checkpoint at `path`. The frozen ViT, LLaMA and VAE
+    (`frozen`: their keys) stay those of the component folders, so saving and loading reproduce the model; the
+    checkpoint's copies must agree with them. Strict: every key of ours is filled or frozen."""
+    check_config(config, model.cfg, "released config")
+    ckpt = released_checkpoint(path)
+    state = model.state_dict()
+    plan = convert(ckpt, state, ckpt.file_of)
+    missing = state.keys() - plan.keys() - frozen
+    if missing:
+        raise CheckpointError(f"{path}: the released checkpoint lacks {sorted(missing)[:10]}")
+    for k in sorted(frozen & plan.keys()):  # fp16/bf16 rounding passes, another component does not
+        ours, theirs = state[k].float(), plan.pop(k).float()
+        if (ours - theirs).abs().max() > 1e-2 * ours.abs().max():
+            raise CheckpointError(f"{path}: {k!r} differs from the component folders' (another CLIP / LLaMA / "
+                                  "VAE than the release was trained with?)")
+    return assign(model, plan)
 
 
 # -----------------------------------------------------------------------------

@@ -34,7 +34,8 @@ from PIL import Image
 import cli
 from data import tokenize_document
 from generate import SAMPLING, as_8bit, check_fits, generate
-from mmi import MMI, MMIConfig, PRESETS
+from checkpoints import build_model
+from mmi import PRESETS
 from weights import CheckpointError
 
 ROOT = Path(__file__).resolve().parent
@@ -156,21 +157,13 @@ if not args.ckpt:
     args.ckpt = args.released or ("random" if all(components) else str(ROOT / "assets" / "tiny"))
 torch.manual_seed(args.seed)
 t0 = time.time()
+ck = Path(args.ckpt) if args.ckpt not in ("random", args.released) else None
+if ck is not None and (not (ck / "model.safetensors").is_file() or not (ck / "config.json").is_file()):
+    fail(f"no checkpoint at {ck} (needs model.safetensors and config.json from train.py; or pass --ckpt=random)")
 try:
-    if args.released:
-        config = json.loads(Path(args.released_config).read_text()) if args.released_config else {}
-        model = MMI.from_released(args.released, *components, config=config.get("model_config", config), dtype=dtype)
-    elif args.ckpt == "random" and any(components):
-        model = MMI.from_components(*components, preset=args.preset, dtype=dtype)
-    elif args.ckpt == "random":
-        model = MMI(MMIConfig.from_name(args.preset))
-    else:
-        ck = Path(args.ckpt)
-        if not (ck / "model.safetensors").is_file() or not (ck / "config.json").is_file():
-            fail(f"no checkpoint at {ck} (needs model.safetensors and config.json from train.py; "
-                 f"or pass --ckpt=random)")
-        comp = dict(zip(("clip", "llm", "sd"), components)) if all(components) else None
-        model = MMI.load(ck, components=comp)
+    config = json.loads(Path(args.released_config).read_text()) if args.released_config else {}
+    model = build_model(args.preset, ckpt=str(ck or ""), clip=args.clip_path, llm=args.llm_path, sd=args.sd_path,
+                        released=args.released, released_config=config.get("model_config", config), dtype=dtype)
     tok = model.tok  # (a missing tokenizer.model: one line too)
 except (CheckpointError, FileNotFoundError, ValueError) as e:
     fail(str(e).splitlines()[0])

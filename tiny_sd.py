@@ -43,7 +43,7 @@ from torch import nn
 
 import cli
 import world
-from diffusion import NoiseSchedule, cfg_combine
+from diffusion import NoiseSchedule, guided
 from mmi import PRESETS
 from unet import UNet, UNetConfig
 from vit import to_tensor01
@@ -170,10 +170,7 @@ def sample(net, schedule, context, null=None, noise=None, steps=25, guidance=1.0
         fn = lambda x, t: net(x, t, context)  # noqa: E731
     else:
         both = torch.cat([context, null.expand(B, -1, -1)])
-
-        def fn(x, t):
-            c, u = net(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
-            return cfg_combine(c, u, guidance)
+        fn = guided(lambda x, t: net(x, t, both), guidance)
     x = schedule.sample(fn, noise, steps=steps, sampler="ddim", generator=generator)
     return ((x + 1) / 2).clamp(0, 1)
 

@@ -46,11 +46,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import checkpoints
 import cli
 import data
 import world
 from generate import SAMPLING, generate
-from mmi import MMI, MMIConfig, PRESETS
+from mmi import PRESETS
 from tiny_sd import TextEncoder
 from weights import CheckpointError
 
@@ -82,7 +83,7 @@ dtype = "float32"          # "float32", "bfloat16" or "float16" (autocast; fp16 
 compile = False
 grad_checkpointing = False
 threads = 1                # torch CPU threads per process, 0 = torch's default (tiny: 1; use processes)
-# official components (preset "official"): folders for mmi.MMI.from_components. Other presets: sd_path, a tiny Stable
+# official components (preset "official"): folders for checkpoints.from_components. Other presets: sd_path, a tiny Stable
 # Diffusion folder of tiny_sd.py, is built on as the paper builds on SD 2.1: its U-Net frozen (--freeze_unet=False
 # fine-tunes it), the null condition from its encoding of ""; --sd_path="" trains everything from scratch
 clip_path = llm_path = ""
@@ -93,7 +94,7 @@ eval_interval = 0          # 0: evaluate once at the end
 eval_n = 50                # held-out examples per kind
 eval_seed = 0              # which held-out examples, and the sampling noise
 eval_only = False          # True: score --init_from (a model folder) and print one JSON line, no training
-init_from = ""             # a model folder (MMI.save) to start from instead of building the preset
+init_from = ""             # a model folder (checkpoints.save) to start from instead of building the preset
 eval_kinds = "i2t,qa,t2i,story"
 eval_steps = SAMPLING["steps"]        # diffusion sampling in eval: the demo's settings (generate.SAMPLING);
 eval_sampler = SAMPLING["sampler"]    # text is greedy
@@ -188,27 +189,25 @@ if resume:
     except Exception as e:
         raise SystemExit(f"error: cannot read checkpoint {ckpt_file}: {str(e).splitlines()[0]}")
     model_overrides = ckpt["model_overrides"]  # the architecture comes from the checkpoint
-if init_from:  # a model folder (MMI.save / out_dir) to evaluate or to train further
-    try:
-        model = MMI.load(init_from)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: --init_from: {str(e).splitlines()[0]}")
-elif preset == "official":
-    if not (clip_path and llm_path and sd_path):
-        raise SystemExit("error: preset 'official' needs --clip_path, --llm_path and --sd_path")
-    model = MMI.from_components(clip_path, llm_path, sd_path, dtype=ptdtype, **model_overrides)
-else:
-    try:
-        if not sd_path:
-            model = MMI(MMIConfig.from_name(preset, **model_overrides))
-        else:
-            null = TextEncoder.from_pretrained(sd_path).encode([""])[0]
-            model = MMI.on_stable_diffusion(sd_path, preset, null, **{"freeze_unet": True, **model_overrides})
-    except (KeyError, TypeError) as e:
-        raise SystemExit(f"error: bad model-config override: {e}")
-    except (CheckpointError, ValueError) as e:
-        raise SystemExit(f"error: --sd_path: {str(e).splitlines()[0]}")
-skip_keys = model.official_keys()  # frozen official weights are not stored in checkpoints
+try:
+    if init_from:  # a model folder (checkpoints.save / out_dir) to evaluate or to train further
+        model = checkpoints.build_model(ckpt=init_from)
+    elif preset == "official":
+        if not (clip_path and llm_path and sd_path):
+            raise SystemExit("error: preset 'official' needs --clip_path, --llm_path and --sd_path")
+        model = checkpoints.build_model(preset, clip=clip_path, llm=llm_path, sd=sd_path, dtype=ptdtype,
+                                        **model_overrides)
+    elif sd_path:  # the tiny world on its tiny SD: U-Net frozen, null condition from the encoding of ""
+        null = TextEncoder.from_pretrained(sd_path).encode([""])[0]
+        model = checkpoints.build_model(preset, sd=sd_path, null_cond=null, **{"freeze_unet": True, **model_overrides})
+    else:
+        model = checkpoints.build_model(preset, **model_overrides)
+except (KeyError, TypeError) as e:
+    raise SystemExit(f"error: bad model-config override: {e}")
+except (CheckpointError, FileNotFoundError, ValueError) as e:
+    flag = "--init_from" if init_from else "--sd_path" if sd_path else "--preset"
+    raise SystemExit(f"error: {flag}: {str(e).splitlines()[0]}")
+skip_keys = checkpoints.official_keys(model)  # frozen official weights are not stored in checkpoints
 if ckpt is not None:
     state = ckpt["model"]
     missing = set(model.state_dict()) - skip_keys - state.keys()
@@ -259,12 +258,13 @@ if ckpt is not None:
     random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
 
 raw_model = model  # what gets saved: never the compiled or DDP wrapper (no "_orig_mod." / "module." keys)
+trainable = [p for p in raw_model.parameters() if p.requires_grad]
 if compile:
     model = torch.compile(model)
 if ddp:
     # FSDP would plug in here instead (torch.distributed.fsdp.fully_shard on each LLM block and the U-Net) when
     # the trainable weights plus AdamW state do not fit one GPU; everything else in this file stays the same.
-    # MMI.forward makes every trainable parameter take part in every step, so no find_unused_parameters
+    # the loss below takes every trainable parameter into every step, so no find_unused_parameters
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 if master:
     counts = raw_model.param_counts()
@@ -402,7 +402,7 @@ def save_checkpoint(step):
                scaler=scaler.state_dict(), step=step, rng=rngs, data_pos=dict(data_pos), skipped=skipped,
                config=config, model_overrides=model_overrides, model_config=asdict(mcfg))
     tmp = out / ".saving"
-    raw_model.save(tmp)
+    checkpoints.save(raw_model, tmp)
     torch.save(obj, tmp / "ckpt.pt")
     for name in ("model.safetensors", "config.json", "ckpt.pt"):
         os.replace(tmp / name, out / name)
@@ -469,7 +469,9 @@ for step in pbar:
         sync = micro == grad_accum - 1
         with (nullcontext() if sync or not ddp else model.no_sync()), autocast:
             out_ = model(batch)
-            loss = out_["loss"] / grad_accum
+            # + exactly zero from every trainable parameter: a batch without images (or whose images have no
+            # context) leaves some unused, and DDP then needs no find_unused_parameters
+            loss = (out_["loss"] + 0.0 * sum(p.reshape(-1)[0] for p in trainable)) / grad_accum
         scaler.scale(loss).backward()
         sums += torch.tensor([out_["loss"].item(), out_["text_loss"].item(), out_["image_loss"].item(),
                               int((batch["tokens"] != tok.pad_id).sum()), out_["n_images"]], dtype=torch.float64)

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from types import SimpleNamespace
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -69,12 +70,12 @@ def adapter(meta, ckpt):
     """Our ViT-Adapter from the fixture's CLIP folder and the adapter weights of the released checkpoint."""
     clip = component(meta, meta["model_config"]["visual_tokenizer_config"]["encoder_model_path"])
     model = vit.ViTAdapter(vit.VisionTransformer.from_pretrained(clip, torch.float32))
-    targets = {"adapter." + k: v for k, v in model.state_dict().items()}
+    targets = {released.AD + k: v for k, v in model.state_dict().items()}  # named as in MMI
     vision = {k: v for k, v in ckpt.items() if k.startswith(released.VM)}
     plan = released.convert(vision, targets, ckpt.file_of)
     left = targets.keys() - plan.keys()
-    assert left == {"adapter.vit.post_layernorm.weight", "adapter.vit.post_layernorm.bias"}  # not in the release
-    released.assign(model, {k.removeprefix("adapter."): v for k, v in plan.items()})
+    assert left == {released.AD + "vit.post_layernorm.weight", released.AD + "vit.post_layernorm.bias"}  # not released
+    released.assign(model, {k.removeprefix(released.AD): v for k, v in plan.items()})
     return model.eval()
 
 
@@ -101,11 +102,12 @@ def test_position_tables_are_ours(ckpt, adapter):
 
 @pytest.fixture(scope="module")
 def model(meta):
-    from mmi import MMI
+    from checkpoints import build_model
     mc = meta["model_config"]
-    paths = [FIXTURE / mc["visual_tokenizer_config"]["encoder_model_path"], FIXTURE / mc["llm_model_path"],
-             FIXTURE / mc["image_decoder_config"]["pretrained_model_name_or_path"]]
-    m = MMI.from_released(FIXTURE / "mm_interleaved_pretrain", *paths, config=mc, dtype=torch.float32).eval()
+    clip, llm, sd = [FIXTURE / mc["visual_tokenizer_config"]["encoder_model_path"], FIXTURE / mc["llm_model_path"],
+                     FIXTURE / mc["image_decoder_config"]["pretrained_model_name_or_path"]]
+    m = build_model(released=FIXTURE / "mm_interleaved_pretrain", clip=clip, llm=llm, sd=sd, released_config=mc,
+                    dtype=torch.float32).eval()
     # The fixture's LLM folder has no tokenizer.model: the model itself only needs the special ids
     ids = meta["token_ids"]
     m.tok = SimpleNamespace(bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"], boi_id=ids["boi"],
@@ -123,26 +125,33 @@ def run(model, fx):
         def hook(module, args):
             seen.setdefault(name, args[0] if first_arg else args)  # returns None: the input stays as it is
         return hook
-    hooks = [model.resampler.out.register_forward_pre_hook(keep("resampler_out")),
-             model.dec_resampler.register_forward_pre_hook(keep("context", False)),
+    vt, dec = model.visual_tokenizer, model.image_decoder
+    hooks = [vt.resampler.out.register_forward_pre_hook(keep("resampler_out")),
+             dec.resampler.register_forward_pre_hook(keep("context", False)),
              *(b.register_forward_pre_hook(keep(f"layer{i}")) for i, b in enumerate(model.llm.layers))]
     with torch.no_grad():
-        emb, maps = model.encode_images(images)
-        h, lay, dec = model.hidden_states(tokens, images)
+        emb, maps = vt(images)
+        h, lay, levels = model.hidden_states(tokens, images)
         N = len(lay.rows)
-        cond = model.condition(h, lay.rows, lay.start, lay.pos)  # every image, as the official code does
+        cond = dec.condition(h, lay.rows, lay.start, lay.pos)  # every image, as the official code does
         dec_images = fx["input.image_tensors_dec"]
-        mean, logvar = model.vae.encode(dec_images * 2 - 1)
-        x0 = model.to_latent(dec_images, fx["input.vae_eps"])
+        mean, logvar = dec.vae.encode(dec_images * 2 - 1)
+        x0 = dec.to_latent(dec_images, fx["input.vae_eps"])
         t, noise = fx["input.timesteps"], fx["input.noise"]
-        x_t = model.schedule.add_noise(x0, noise, t)
-        values, visible = model.decoder_values(*dec, lay.prev)
-        pred = model.denoise(x_t, t, cond, values, visible)
+        x_t = dec.schedule.add_noise(x0, noise, t)
+        ctx = dec.context(*levels, lay.prev)
+        pred = dec.denoise(x_t, t, cond, ctx)
         batch = dict(tokens=tokens, images=images, images_dec=dec_images)
-        draws = dict(noise=noise, timesteps=t, vae_eps=fx["input.vae_eps"], uncond_rand=fx["input.uncond_rand"])
-        out = model(batch, draws)
+        # the authors' random draws, replayed; their code draws the null condition in eval mode too (ours: training
+        # only), so the decoder alone trains here (it has no dropout: nothing else changes)
+        drawn = lay.has_context  # the images with a loss: the draws of those
+        draws = [x[drawn] for x in (fx["input.uncond_rand"].reshape(-1), fx["input.vae_eps"], noise, t)]
+        with patch.object(dec, "random_draws", lambda n, device: draws):
+            dec.train()
+            out = model(batch)
+            dec.eval()
         r = dict(
-            vit_last_hidden_state=model.adapter(images, positions=False)[0], visual_tokens=emb,
+            vit_last_hidden_state=vt.adapter(images, positions=False)[0], visual_tokens=emb,
             resampler_out=seen["resampler_out"], mm_embeds=model.embed(tokens, emb),
             cross_attention_mask=lay.visible.float(),
             llm_hidden_states=torch.stack([*(seen[f"layer{i}"] for i in range(len(model.llm.layers))), h]),
@@ -150,11 +159,11 @@ def run(model, fx):
             gt_text_ids_laion=model.text_targets(tokens, pairs=True),
             context_features=seen["context"][0], context_attention_mask=seen["context"][1].long(),
             dec_mmfs_mask=(lay.prev >= 0).long()[:, None], decoder_condition=cond,
-            neg_prompt_embeds=model.null_cond[None],
+            neg_prompt_embeds=dec.null_cond[None],
             vae_posterior_mean=mean, vae_posterior_logvar=logvar, latents=x0, noisy_latents=x_t,
-            diffusion_target=model.schedule.target(x0, noise, t), unet_pred=pred,
-            unet_pred_null_condition=model.denoise(x_t, t, model.null_cond.expand(N, -1, -1), values, visible),
-            unet_pred_no_mmfs_module=model.unet(x_t, t, cond), image_has_loss=lay.has_context.long(),
+            diffusion_target=dec.schedule.target(x0, noise, t), unet_pred=pred,
+            unet_pred_null_condition=dec.denoise(x_t, t, dec.null_cond.expand(N, -1, -1), ctx),
+            unet_pred_no_mmfs_module=dec.unet(x_t, t, cond), image_has_loss=lay.has_context.long(),
             loss=out["loss"], forward_loss_txt=out["text_loss"], forward_loss_img=out["image_loss"])
         r["sd_loss_map"] = (pred - r["diffusion_target"]).square()
         for key, targets in [("loss_txt", r["gt_text_ids"]), ("loss_txt_laion", r["gt_text_ids_laion"])]:
@@ -201,9 +210,9 @@ def test_losses_match_the_scalars(meta, run):
 
 
 def test_save_of_the_released_model_loads_back(model, fx, tmp_path):
-    from mmi import MMI
-    model.save(tmp_path / "m")
-    loaded = MMI.load(tmp_path / "m").eval()
+    from checkpoints import load, save
+    save(model, tmp_path / "m")
+    loaded = load(tmp_path / "m").eval()
     loaded.tok = model.tok
     ours, theirs = model.state_dict(), loaded.state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k].to(ours[k].dtype)) for k in ours)
@@ -211,7 +220,7 @@ def test_save_of_the_released_model_loads_back(model, fx, tmp_path):
 
 @pytest.mark.parametrize("case", ["unknown", "missing", "shape", "constant", "component"])
 def test_converter_is_strict(meta, ckpt, tmp_path, case):
-    from mmi import MMI
+    from checkpoints import build_model
     from weights import CheckpointError
     sd = {k: ckpt[k] for k in ckpt}
     key = "mm_decoder.layers.0.llama_cross_attn.attn.value_proj.weight"
@@ -232,7 +241,7 @@ def test_converter_is_strict(meta, ckpt, tmp_path, case):
     (tmp_path / "ckpt").mkdir()
     torch.save(sd, tmp_path / "ckpt" / "pytorch_model.bin")
     mc = meta["model_config"]
-    paths = [FIXTURE / mc["visual_tokenizer_config"]["encoder_model_path"], FIXTURE / mc["llm_model_path"],
-             FIXTURE / mc["image_decoder_config"]["pretrained_model_name_or_path"]]
+    clip, llm, sd = [FIXTURE / mc["visual_tokenizer_config"]["encoder_model_path"], FIXTURE / mc["llm_model_path"],
+                     FIXTURE / mc["image_decoder_config"]["pretrained_model_name_or_path"]]
     with pytest.raises(CheckpointError, match=key.replace(".", r"\.")):
-        MMI.from_released(tmp_path / "ckpt", *paths, config=mc)
+        build_model(released=tmp_path / "ckpt", clip=clip, llm=llm, sd=sd, released_config=mc)

@@ -17,6 +17,7 @@ from torch import nn
 
 import generate
 import world
+from checkpoints import build_model, load
 from llm import LLaMA, LLaMAConfig
 from mmi import MMI, GatedMMFS, MMIConfig
 from quant import Int8Linear, linear_weight_bytes, quantize_int8, quantize_weight
@@ -99,7 +100,7 @@ def test_greedy_identical_where_the_margin_allows():
 
 def test_trained_tiny_model_captions_identical():
     """The shipped tiny model (trained: real margins) captions held-out scenes with the same greedy text in int8."""
-    m = MMI.load(ASSETS / "tiny").eval()
+    m = load(ASSETS / "tiny").eval()
     q = copy.deepcopy(m)
     names = quantize_int8(q.llm, filter=lambda n, lin: ".inserted." not in n)
     assert names and not any(".inserted." in n for n in names)
@@ -169,9 +170,10 @@ def test_mmfs_and_trainable_parameters_untouched():
 def test_official_fixture_text_logits():
     meta = json.loads((FIXTURE / "fixture.json").read_text())
     mc = meta["model_config"]
-    paths = [FIXTURE / mc["visual_tokenizer_config"]["encoder_model_path"], FIXTURE / mc["llm_model_path"],
-             FIXTURE / mc["image_decoder_config"]["pretrained_model_name_or_path"]]
-    m = MMI.from_released(FIXTURE / "mm_interleaved_pretrain", *paths, config=mc, dtype=torch.float32).eval()
+    clip, llm, sd = [FIXTURE / mc["visual_tokenizer_config"]["encoder_model_path"], FIXTURE / mc["llm_model_path"],
+                     FIXTURE / mc["image_decoder_config"]["pretrained_model_name_or_path"]]
+    m = build_model(released=FIXTURE / "mm_interleaved_pretrain", clip=clip, llm=llm, sd=sd, released_config=mc,
+                    dtype=torch.float32).eval()
     ids = meta["token_ids"]
     m.tok = SimpleNamespace(bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"], boi_id=ids["boi"],
                             image_id=ids["image"])

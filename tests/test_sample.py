@@ -46,10 +46,10 @@ def test_a_picture_mid_prompt_then_the_prompt_goes_on(tmp_path):
 
 
 def test_inline_prompt_and_trained_checkpoint_folder(tmp_path):
-    # a model folder as train.py writes it (MMI.save), and a --prompt with an image path and a final <img>
+    # a model folder as train.py writes it (checkpoints.save), and a --prompt with an image path and a final <img>
     import world
-    from mmi import MMI, MMIConfig
-    MMI(MMIConfig.from_name("tiny")).save(tmp_path / "ck")
+    from checkpoints import build_model, save
+    save(build_model("tiny"), tmp_path / "ck")
     world.render(world.make_scene({"centre": ("red", "circle")})).save(tmp_path / "x.png")
     out = tmp_path / "s"
     p = run([f"--ckpt={tmp_path / 'ck'}", "--prompt=<img:x.png> the red circle turns blue. <img>", "--steps=1",
@@ -89,8 +89,8 @@ def _broken_checkpoint(folder, how):
     """A model folder as train.py writes it, then broken one way."""
     import json
     from safetensors.torch import load_file, save_file
-    from mmi import MMI, MMIConfig
-    MMI(MMIConfig.from_name("tiny")).save(folder)
+    from checkpoints import build_model, save
+    save(build_model("tiny"), folder)
     file = folder / "model.safetensors"
     tensors = load_file(file)
     key = sorted(k for k, v in tensors.items() if v.is_floating_point())[5]

@@ -189,8 +189,8 @@ def test_argument_type_checks(tmp_path):
 
 
 def test_eval_only_prints_every_metric(tmp_path):
-    from mmi import MMI, MMIConfig
-    MMI(MMIConfig.from_name("tiny", freeze_unet=False)).save(tmp_path / "model")
+    from checkpoints import build_model, save
+    save(build_model("tiny", freeze_unet=False), tmp_path / "model")
     p = run(["--eval_only=True", f"--init_from={tmp_path / 'model'}", "--eval_n=1", "--eval_seed=3"], tmp_path / "o")
     metrics = json.loads(p.stdout.strip().splitlines()[-1])
     assert {"i2t_exact", "qa_exact", "t2i_cell_acc", "t2i_object_acc", "story_cell_acc",
@@ -202,16 +202,16 @@ def test_built_on_a_tiny_stable_diffusion_keeps_its_unet_frozen(tmp_path):
     """--sd_path: the U-Net and schedule come from a tiny SD folder (tiny_sd.py) and stay as they were; the null
     condition starts from its encoding of the empty caption; the new modules train."""
     import tiny_sd
-    from mmi import MMI
+    from checkpoints import load
     from unet import UNet
     sd = tmp_path / "sd"
     tiny_sd.train(out_dir=str(sd), steps=1, batch=2, eval_every=0, final_eval_n=1, eval_steps=1,
                   unet=dict(block_out_channels=[16, 32, 32], attention_head_dim=[1, 2, 2]))
     small = [a for a in SMALL if not a.startswith("--unet.")]  # the U-Net is the folder's
     run([f"--sd_path={sd}", "--max_steps=2", "--ckpt_interval=2"], tmp_path / "o", small=small)
-    model, base = MMI.load(tmp_path / "o"), UNet.from_pretrained(sd)
+    model, base = load(tmp_path / "o"), UNet.from_pretrained(sd)
     assert model.cfg.freeze_unet
-    for (name, p), q in zip(model.unet.state_dict().items(), base.state_dict().values()):
+    for (name, p), q in zip(model.image_decoder.unet.state_dict().items(), base.state_dict().values()):
         assert torch.equal(p, q), name
-    null = tiny_sd.TextEncoder.from_pretrained(sd).encode([""])[0]
-    assert model.null_cond.shape == null.shape and not torch.equal(model.null_cond, null)  # started there, trained
+    null, ours = tiny_sd.TextEncoder.from_pretrained(sd).encode([""])[0], model.image_decoder.null_cond
+    assert ours.shape == null.shape and not torch.equal(ours, null)  # started there, trained
