@@ -34,18 +34,9 @@ def generate(model: MMI, prompt, max_new_tokens=90, max_images=4, begin_image=Fa
     sampling: SAMPLING's keys (temperature 0 = greedy).
     timings: a dict that receives "image_s", the seconds spent drawing images.
     Returns the generated items: str and image tensors [3, H, W] in [0, 1]."""
-    unknown = sampling.keys() - SAMPLING.keys()
-    if unknown:
-        raise TypeError(f"unknown sampling options {sorted(unknown)}; known: {sorted(SAMPLING)}")
-    opts = {**SAMPLING, **sampling}
+    opts = sampling_options(sampling)
     tok, cfg = model.tok, model.cfg
-    ids, images = tokenize_document(prompt, tok, cfg.n_image_tokens, eos=False)
-    max_len = max_len or model.llm.cfg.max_seq_len
-    check_fits(model, len(ids) + 1, len(images) + begin_image, max_len)  # + the first new token (or image)
-    s = Session(model, use_cache, max_len)
-    for img in images:
-        s.add_image(img)
-    logits = s.feed(ids)
+    s, logits = start(model, prompt, use_cache, max_len or model.llm.cfg.max_seq_len, begin_image)
     out, text, n_img, ended = [], [], 0, False  # ended: the text holds stop_at; only a BoI may follow
     while True:
         if begin_image and not out and not text:
@@ -85,6 +76,33 @@ def generate(model: MMI, prompt, max_new_tokens=90, max_images=4, begin_image=Fa
     if text:
         out.append(tok.decode(text))
     return out
+
+
+@torch.no_grad()
+def draw_image(model: MMI, context, generator=None, use_cache=True, **sampling):
+    """The picture that follows `context` (a list of str / PIL / [3, H, W] tensors): its BoI is fed and the decoder
+    draws it; nothing is generated after it. sampling: SAMPLING's keys. -> image [3, H, W] in [0, 1]."""
+    opts = sampling_options(sampling)
+    s, _ = start(model, context, use_cache, model.llm.cfg.max_seq_len, begin_image=True)
+    s.feed([model.cfg.boi_id])
+    return s.draw(opts["steps"], opts["sampler"], opts["guidance"], generator)
+
+
+def sampling_options(sampling):
+    unknown = sampling.keys() - SAMPLING.keys()
+    if unknown:
+        raise TypeError(f"unknown sampling options {sorted(unknown)}; known: {sorted(SAMPLING)}")
+    return {**SAMPLING, **sampling}
+
+
+def start(model: MMI, prompt, use_cache, max_len, begin_image):
+    """A Session with the prompt fed (checked against the model's limits first) -> (session, last logits)."""
+    ids, images = tokenize_document(prompt, model.tok, model.cfg.n_image_tokens, eos=False)
+    check_fits(model, len(ids) + 1, len(images) + begin_image, max_len)  # + the first new token (or image)
+    s = Session(model, use_cache, max_len)
+    for img in images:
+        s.add_image(img)
+    return s, s.feed(ids)
 
 
 def check_fits(model: MMI, n_tokens, n_images, max_len=None, what="the prompt"):

@@ -33,7 +33,7 @@ from PIL import Image
 
 import cli
 from data import tokenize_document
-from generate import SAMPLING, as_8bit, check_fits, generate
+from generate import SAMPLING, as_8bit, check_fits, draw_image, generate
 from checkpoints import build_model
 from mmi import PRESETS
 from weights import CheckpointError
@@ -195,15 +195,17 @@ def save_png(img, name):
 
 sections, n_tokens, n_images, text_time, img_time = [], 0, 0, 0.0, 0.0
 def run(context, draw, last):
-    """Continue `context` (drawing first if `draw`). Not the last segment: only the picture is kept (the prompt's
-    own text follows it), so one text token is the least generate() can be asked for."""
+    """Continue `context` (drawing first if `draw`). Not the last segment: only the picture (the prompt's own text
+    follows it)."""
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                    steps=args.steps, sampler=args.sampler, guidance=args.guidance)
+    if not last:
+        t = time.time()
+        return [draw_image(model, context, generator=gen, **sampling)], time.time() - t
     timings = {}
-    result = generate(model, context, max_new_tokens=args.max_new_tokens if last else 1,
-                      max_images=args.max_images if last else 1,
-                      begin_image=draw, generator=gen, timings=timings, temperature=args.temperature,
-                      top_p=args.top_p, repetition_penalty=args.repetition_penalty, steps=args.steps,
-                      sampler=args.sampler, guidance=args.guidance, stop_at=args.stop_at)
-    return (result if last else result[:1]), timings.get("image_s", 0.0)
+    result = generate(model, context, max_new_tokens=args.max_new_tokens, max_images=args.max_images,
+                      begin_image=draw, generator=gen, timings=timings, stop_at=args.stop_at, **sampling)
+    return result, timings.get("image_s", 0.0)
 
 
 for i, (title, segments) in enumerate(prompts):

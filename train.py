@@ -50,7 +50,7 @@ import checkpoints
 import cli
 import data
 import world
-from generate import SAMPLING, generate
+from generate import SAMPLING, draw_image, generate
 from mmi import PRESETS
 from tiny_sd import TextEncoder
 from weights import CheckpointError
@@ -376,8 +376,7 @@ def evaluate(m, n=eval_n, kinds=eval_kinds):
                 items = generate(m, ex["prompt"], max_new_tokens=160 if kind == "i2t" else 20, max_images=0, **opts)
                 pred = next((x for x in items if isinstance(x, str)), "")
             else:  # the prompt ends where an image must come: start it at once
-                items = generate(m, ex["prompt"], max_new_tokens=1, max_images=1, begin_image=True, **opts)
-                pred = next((x for x in items if torch.is_tensor(x)), torch.zeros(3, mcfg.image_size, mcfg.image_size))
+                pred = draw_image(m, ex["prompt"], **opts)
             scores.append(world.score(ex, pred))
         for key in scores[0]:
             metrics[f"{kind}_{key}"] = sum(s[key] for s in scores) / len(scores)

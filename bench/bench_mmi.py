@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import world  # noqa: E402
 from generate import generate  # noqa: E402
-from mmi import MMI, MMIConfig  # noqa: E402
+from mmi import MMI, MMIConfig, flatten_maps  # noqa: E402
 
 
 def timeit(fn, n, warmup=1):
@@ -83,11 +83,11 @@ def bench_step(args):
     images, tokens = batch["images"], batch["tokens"]
 
     def vision():
-        emb, maps = model.encode_images(images)
+        emb, maps = model.visual_tokenizer(images)
         (emb.sum() + sum(m.sum() for m in maps)).backward()
-    emb, maps = model.encode_images(images)
+    emb, maps = model.visual_tokenizer(images)
     emb, maps = emb.detach(), [m.detach() for m in maps]
-    values, shapes = model.flatten_maps(maps[1:])
+    values, shapes = flatten_maps(maps[1:])
     ctx = model.visual_context(lay, values, shapes, tokens.shape[0])
 
     def llm():
@@ -96,14 +96,15 @@ def bench_step(args):
         torch.nn.functional.cross_entropy(model.logits(h[:, :-1]).flatten(0, 1), tgt.flatten()).backward()
     h = model.llm.forward_hidden(embeds=model.embed(tokens, emb), ctx=ctx).detach()
     sel = lay.has_context.nonzero(as_tuple=True)[0]
-    dec, dshapes = model.flatten_maps(maps)
+    dec, dshapes = flatten_maps(maps)
+    image_decoder = model.image_decoder
 
     def decoder():
-        cond = model.condition(h, lay.rows[sel], lay.start[sel], lay.pos[sel])
-        x0 = model.to_latent(images[sel])
+        cond = image_decoder.condition(h, lay.rows[sel], lay.start[sel], lay.pos[sel])
+        x0 = image_decoder.to_latent(images[sel])
         t = torch.randint(0, 1000, (len(sel),))
-        values, visible = model.decoder_values(dec, dshapes, lay.prev[sel])
-        model.denoise(x0, t, cond, values, visible).square().mean().backward()
+        ctx = image_decoder.context(dec, dshapes, lay.prev[sel])
+        image_decoder.denoise(x0, t, cond, ctx).square().mean().backward()
     parts = {name: timeit(fn, args.n) for name, fn in [("vision", vision), ("llm", llm), ("decoder", decoder)]}
     print(f"training step (fwd+bwd+AdamW): {total * 1000:.0f} ms  = "
           + ", ".join(f"{k} {v * 1000:.0f} ms ({v / total:.0%})" for k, v in parts.items())

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import world  # noqa: E402
 from data import tokenize_document  # noqa: E402
-from mmi import MMI, MMIConfig  # noqa: E402
+from checkpoints import build_model  # noqa: E402
+from mmi import flatten_maps  # noqa: E402
 
 WORDS = {**{c: "colour" for c in world.COLOURS}, **{s: "shape" for s in world.SHAPES},
          **{w: "cell" for w in ("top", "middle", "bottom", "centre", "left", "right")}}
@@ -94,22 +95,22 @@ def binding(m, tok, n_train=1200, n_test=300, steps=300):
 @torch.no_grad()
 def drawing(m, tok, n, timesteps=(200, 500, 800)):
     """Image loss (the training objective) of held-out text-to-image examples by condition."""
-    cond, x0 = [], []
+    cond, x0, dec = [], [], m.image_decoder
     for ex in world.eval_examples("t2i", n, size=m.cfg.image_size):
         ids, lay, h, imgs = encode(m, tok, ex["prompt"] + [world.render(ex["scene"], m.cfg.image_size)])
-        cond.append(m.condition(h, lay.rows, lay.start, lay.pos))
-        x0.append(m.to_latent(torch.stack(imgs)))
+        cond.append(dec.condition(h, lay.rows, lay.start, lay.pos))
+        x0.append(dec.to_latent(torch.stack(imgs)))
     cond, x0 = torch.cat(cond), torch.cat(x0)
-    _, maps = m.encode_images(torch.zeros(1, 3, m.cfg.image_size, m.cfg.image_size))  # no previous image anywhere
-    dv, shapes = m.flatten_maps(maps)
-    values, visible = m.decoder_values(dv.expand(len(x0), -1, -1), shapes, torch.full((len(x0),), -1))
+    _, maps = m.visual_tokenizer(torch.zeros(1, 3, m.cfg.image_size, m.cfg.image_size))  # no previous image anywhere
+    dv, shapes = flatten_maps(maps)
+    ctx = dec.context(dv.expand(len(x0), -1, -1), shapes, torch.full((len(x0),), -1))
     g, out = torch.Generator().manual_seed(0), {}
     for t in timesteps:
         noise, tt = torch.randn(x0.shape, generator=g), torch.full((len(x0),), t)
-        xt, target = m.schedule.add_noise(x0, noise, tt), m.schedule.target(x0, noise, tt)
+        xt, target = dec.schedule.add_noise(x0, noise, tt), dec.schedule.target(x0, noise, tt)
         for name, c in [("right caption", cond), ("other caption", cond.roll(1, 0)),
-                        ("null condition", m.null_cond.expand_as(cond))]:
-            out[(t, name)] = float(((m.denoise(xt, tt, c, values, visible) - target) ** 2).mean())
+                        ("null condition", dec.null_cond.expand_as(cond))]:
+            out[(t, name)] = float(((dec.denoise(xt, tt, c, ctx) - target) ** 2).mean())
     return out
 
 
@@ -120,7 +121,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    m = (MMI(MMIConfig.from_name("tiny")) if args.model == "random" else MMI.load(args.model)).eval()
+    m = (build_model("tiny") if args.model == "random" else build_model(ckpt=args.model)).eval()
     tok = m.tok
     print("reading: teacher-forced accuracy of the next caption token, by word kind")
     for kind, acc in sorted(reading(m, tok, args.n).items()):

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import world  # noqa: E402
 from llm import LLaMA, LLaMAConfig  # noqa: E402
+from checkpoints import load  # noqa: E402
 from mmi import MMI, MMIConfig, Resampler  # noqa: E402
 import unet as unet_module  # noqa: E402
 from diffusion import NoiseSchedule  # noqa: E402
@@ -67,7 +68,7 @@ class Condition(nn.Module):
         if mode.startswith("llm"):  # llm, llm_qa, llm_conv, llm_last
             self.llm = LLaMA(LLaMAConfig(**cfg.llm))
         elif mode.startswith("shipped"):
-            self.shipped = [MMI.load(os.path.join(os.path.dirname(__file__), "..", "assets", "tiny")).eval()
+            self.shipped = [load(os.path.join(os.path.dirname(__file__), "..", "assets", "tiny")).eval()
                             .requires_grad_(False)]  # a list: not a submodule, so not trained
         else:
             self.emb = nn.Embedding(V + 2, D)
