@@ -11,7 +11,6 @@ model.
 train.py and sample.py both build through build_model.
 """
 import json
-import os
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from llm import LLaMA
 from mmi import MMI, MMIConfig, PRESETS
 from unet import AutoencoderKL, UNet
 from vit import VisionTransformer
-from weights import CheckpointError, check_finite, open_checkpoint, read_json
+from weights import CheckpointError, check_finite, open_checkpoint, read_json, write_atomically
 
 
 def build_model(preset="tiny", ckpt="", clip="", llm="", sd="", released="", released_config=None, dtype=None,
@@ -104,16 +103,6 @@ def official_keys(model: MMI):
     if model.cfg.freeze_llm:
         keys |= {"llm." + k for k in model.llm.state_dict() if ".inserted." not in k}
     return keys | {"image_decoder.vae." + k for k in model.image_decoder.vae.state_dict()}
-
-
-def write_atomically(path, write):
-    """write(temporary path) then rename it to path: a crash never leaves a half-written file (the temporary file
-    is readable by everyone: safetensors creates its files 0600, and a model folder is for everyone to read)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(str(tmp))
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def save(model: MMI, path):

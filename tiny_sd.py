@@ -29,7 +29,6 @@ import copy
 import inspect
 import json
 import math
-import os
 import random
 import re
 import sys
@@ -47,7 +46,7 @@ from diffusion import NoiseSchedule, guided
 from mmi import PRESETS
 from unet import UNet, UNetConfig
 from vit import to_tensor01
-from weights import component_folder, load_strict, open_checkpoint, read_json, weight_files
+from weights import component_folder, load_strict, open_checkpoint, read_json, weight_files, write_atomically
 
 PAD, UNK = "<pad>", "<unk>"
 # the content words of the world's captions (other words read as <unk>); the function words, the same in every
@@ -115,7 +114,7 @@ class TextEncoder(nn.Module):
         from safetensors.torch import save_file
         path = Path(path)
         tensors = {k: v.contiguous() for k, v in self.state_dict().items()}
-        _write(path / "model.safetensors", lambda f: save_file(tensors, f))
+        write_atomically(path / "model.safetensors", lambda f: save_file(tensors, f))
         _write_json(path / "config.json", dict(_class_name="TextEncoder", **self.config))
 
     @classmethod
@@ -132,17 +131,8 @@ class TextEncoder(nn.Module):
 # saving (diffusers layout), sampling, evaluation
 
 
-def _write(path, write):
-    """Write through a temporary file then os.replace: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(str(tmp))
-    os.chmod(tmp, 0o644)  # safetensors creates files 0600; the shipped folder is for everyone to read
-    os.replace(tmp, path)
-
-
 def _write_json(path, d):
-    _write(path, lambda f: Path(f).write_text(json.dumps(d, indent=1) + "\n"))
+    write_atomically(path, lambda f: Path(f).write_text(json.dumps(d, indent=1) + "\n"))
 
 
 def save(path, net, schedule, text_encoder):
@@ -150,7 +140,7 @@ def save(path, net, schedule, text_encoder):
     from safetensors.torch import save_file
     path = Path(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    _write(path / "unet" / "diffusion_pytorch_model.safetensors", lambda f: save_file(tensors, f))
+    write_atomically(path / "unet" / "diffusion_pytorch_model.safetensors", lambda f: save_file(tensors, f))
     _write_json(path / "unet" / "config.json", dict(_class_name="UNet2DConditionModel", **asdict(net.cfg)))
     _write_json(path / "scheduler" / "scheduler_config.json", dict(_class_name="DDIMScheduler", **schedule.config))
     text_encoder.save_pretrained(path / "text_encoder")

@@ -221,3 +221,14 @@ def load_strict(module: nn.Module, tensors: Mapping, source: str, dtype: torch.d
     if left:
         raise CheckpointError(f"{source}: tensors left uninitialised after loading: {_names(left)}")
     return module
+
+
+def write_atomically(path, write):
+    """write(temporary path), then rename it to `path`: a reader (or a crash) never sees half a file. The file is
+    readable by everyone (safetensors creates its files 0600; a model folder is for everyone to read)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(str(tmp))
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
