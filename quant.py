@@ -10,8 +10,8 @@ layer dequantises its weight on the fly. Only frozen layers are meant for it: in
     quantize_int8(llama, filter=lambda name, lin: True)   # every Linear of a module, frozen or not
     quantize_int8(meta_model)         # works on the meta device: a memory plan counts the bytes without weights
 
-A quantised module saves and loads like any other (weight_int8 and scales are buffers of its state_dict); to load a
-saved one, quantise a freshly built (e.g. meta-device) module first, then load_state_dict(..., assign=True).
+A quantised module saves and loads like any other (weight_int8 and scales are frozen parameters, in its state_dict);
+to load a saved one, quantise a freshly built (e.g. meta-device) module first, then load_state_dict(..., assign=True).
 """
 import torch
 import torch.nn.functional as F
@@ -62,16 +62,20 @@ class Int8Linear(nn.Module):
     def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("scales", torch.ones(out_features, dtype=dtype, device=device))
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) \
-            if bias else None
+        # frozen parameters, not buffers: DDP broadcasts every buffer from rank 0 at every forward (12 GB a step for
+        # Vicuna-13B); parameters that need no gradient it leaves alone. .to(dtype) casts the scales, never the int8.
+        frozen = lambda t: nn.Parameter(t, requires_grad=False)  # noqa: E731
+        self.weight_int8 = frozen(torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.scales = frozen(torch.ones(out_features, dtype=dtype, device=device))
+        self.bias = frozen(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
         w = linear.weight
         q = cls(linear.in_features, linear.out_features, linear.bias is not None, w.device, w.dtype)
-        q.weight_int8, q.scales = quantize_weight(w)
+        weight_int8, scales = quantize_weight(w)
+        q.weight_int8 = nn.Parameter(weight_int8, requires_grad=False)
+        q.scales = nn.Parameter(scales, requires_grad=False)
         if linear.bias is not None:
             q.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
         return q
@@ -115,5 +119,5 @@ def linear_weight_bytes(module: nn.Module) -> int:
     total = 0
     for m in module.modules():
         if isinstance(m, (nn.Linear, Int8Linear)):
-            total += sum(t.numel() * t.element_size() for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)])
+            total += sum(t.numel() * t.element_size() for t in m.parameters(recurse=False))
     return total
