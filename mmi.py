@@ -53,7 +53,55 @@ QFORMER_EPS = 1e-12  # every LayerNorm of both Q-Formers (transformers' BLIP-2 d
 
 
 @dataclass
+class ResamplerConfig:
+    """The image tokenizer's Q-Former-style Perceiver resampler, reading the ViT tokens at the ViT's width (official:
+    768 wide, 12 layers, 12 heads, FFN 3072, cross-attention in layers 0, 2, ..., qk-norm, dropout 0.1)."""
+    dim: int = 768
+    layers: int = 12
+    heads: int = 12
+    ffn: int = 3072                     # transformers' Q-Former default (the authors' YAML does not set it)
+    cross_every: int = 2
+    dropout: float = 0.1
+    init_std: float = 0.02              # Linear weights (official 0.02)
+    out_std: float = 1e-3               # the output projection into the LLM (official N(0, 1e-3))
+
+
+@dataclass
+class LLMMMFSConfig:
+    """MMFS in the LLM (official: every 4th layer from 0, 16 heads x 64, 3 levels, 8 points, offsets +-3 cells)."""
+    every: int = 4
+    heads: int = 16
+    head_dim: int = 64
+    points: int = 8
+    offset_init: float = 3.0
+    gate_init: float = 0.0              # the tanh gate (official 0: the LLM starts unchanged)
+
+
+@dataclass
+class DecoderConfig:
+    """The image decoder (official: 1-layer resampler, 77 queries, 1024 wide = the U-Net's context width, 16 heads,
+    FFN 3072, no output Linear; MMFS on the U-Net's skips: 16 heads x 64, 4 levels, 8 points, offsets +-1; the null
+    condition for 10% of images; loss weight 10)."""
+    queries: int = 77
+    dim: int = 1024
+    layers: int = 1
+    heads: int = 16
+    ffn: int = 3072
+    init_std: float = 0.02              # resampler Linear weights (official 0.02, BLIP-2's)
+    mmfs_heads: int = 16
+    mmfs_head_dim: int = 64
+    mmfs_points: int = 8
+    mmfs_offset_init: float = 1.0
+    null_prob: float = 0.1
+    loss_weight: float = 10.0
+
+
+SUB_CONFIGS = {"resampler": ResamplerConfig, "mmfs": LLMMMFSConfig, "decoder": DecoderConfig}
+
+
+@dataclass
 class MMIConfig:
+    # the parts' own configs: dicts of their modules' fields
     vision: dict = field(default_factory=lambda: asdict(CLIPVisionConfig()))   # vit.CLIPVisionConfig fields
     adapter: dict = field(default_factory=dict)                                # vit.ViTAdapter keyword arguments
     llm: dict = field(default_factory=dict)                                    # llm.LLaMAConfig fields
@@ -63,43 +111,16 @@ class MMIConfig:
     tokenizer: str = "byte"            # "byte" (ByteTokenizer), "world" (assets/world.model), "llama" (the LLM
                                        # folder's tokenizer.model) or a SentencePiece tokenizer.model path
     pad_id: int | None = None          # None: the tokenizer's own (official: 31999)
-    # image tokenizer: Q-Former-style Perceiver resampler reading the ViT tokens at the ViT's width (official: 64
-    # tokens, 768 wide, 12 layers, 12 heads, FFN 3072, cross-attention in layers 0, 2, ..., qk-norm, dropout 0.1)
+    # the new modules, as the paper's Fig. 2 groups them
+    resampler: ResamplerConfig = field(default_factory=ResamplerConfig)       # the image tokenizer's
+    mmfs: LLMMMFSConfig = field(default_factory=LLMMMFSConfig)                 # in the LLM
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)              # the image decoder
+    # what the parts agree on: the token format, the image size, how many images a token may look back at (the
+    # LLM MMFS's image-index table: 50 rows officially, row 0 for invisible images)
     n_image_tokens: int = 64
-    res_dim: int = 768
-    res_layers: int = 12
-    res_heads: int = 12
-    res_ffn: int = 3072                 # transformers' Q-Former default (the authors' YAML does not set it)
-    res_cross_every: int = 2
-    res_dropout: float = 0.1
-    res_init_std: float = 0.02          # resampler Linear weights (official 0.02)
-    res_out_std: float = 1e-3           # resampler output projection into the LLM (official N(0, 1e-3))
-    # MMFS in the LLM (official: every 4th layer from 0, 16 heads x 64, 3 levels, 8 points, offsets +-3, an image
-    # index table of 50 rows: row 0 for invisible images, at most 49 visible)
-    mmfs_every: int = 4
-    mmfs_heads: int = 16
-    mmfs_head_dim: int = 64
-    mmfs_points: int = 8
-    mmfs_offset_init: float = 3.0
-    max_images: int = 49
-    mmfs_gate_init: float = 0.0         # tanh gate of the LLM MMFS (official 0: the LLM starts unchanged)
-    use_mmfs: bool = True               # False: the ablation without MMFS, in the LLM and in the U-Net (paper Table 6)
-    # image decoder (official: 1-layer resampler, 77 queries, 1024 wide = the U-Net's context width, 16 heads, FFN
-    # 3072, no output Linear; MMFS 16 heads, 4 levels, 8 points, offsets +-1; 512 px; null condition for 10% of
-    # images; loss weight 10)
-    dec_queries: int = 77
-    dec_dim: int = 1024
-    dec_layers: int = 1
-    dec_heads: int = 16
-    dec_ffn: int = 3072
-    dec_init_std: float = 0.02          # decoder resampler Linear weights (official 0.02, BLIP-2's)
-    dec_mmfs_heads: int = 16
-    dec_mmfs_head_dim: int = 64
-    dec_mmfs_points: int = 8
-    dec_mmfs_offset_init: float = 1.0
     image_size: int = 512
-    null_prob: float = 0.1
-    image_loss_weight: float = 10.0
+    max_images: int = 49
+    use_mmfs: bool = True               # False: the ablation without MMFS, in the LLM and in the U-Net (paper Table 6)
     # what trains (official: ViT, LLaMA, LM head and VAE frozen; the tiny world trains everything from scratch)
     freeze_vit: bool = True
     freeze_llm: bool = True
@@ -108,6 +129,11 @@ class MMIConfig:
     lr_unet: float = 1e-5
     lr_offsets: float = 1e-5            # every sampling_offsets layer (LLM, U-Net and adapter MMFS)
     components: dict | None = None      # official folders this model was assembled from (set by from_components)
+
+    def __post_init__(self):  # sub-configs read back from JSON (config.json, presets) are dicts
+        for name, cls in SUB_CONFIGS.items():
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, cls(**getattr(self, name)))
 
     @property
     def boi_id(self):  # the two new tokens come right after the LLM's vocabulary (official: 32000, 32001)
@@ -124,6 +150,10 @@ class MMIConfig:
         for k, v in overrides.items():
             sub, _, key = k.partition(".")
             if key:
+                if sub in SUB_CONFIGS:
+                    d.setdefault(sub, {})
+                    if key not in {f.name for f in fields(SUB_CONFIGS[sub])}:
+                        raise KeyError(f"unknown config field {k!r}")
                 if not isinstance(d.get(sub), dict):
                     raise KeyError(f"{k}: {sub} is not a sub-config")
                 d[sub][key] = v
@@ -161,13 +191,14 @@ PRESETS = {
         schedule=dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
                       # tiny-only: v-prediction; epsilon draws noise after a few hundred steps at 32 px
                       prediction_type="v_prediction", timestep_spacing="leading", clip_sample=True),
-        n_image_tokens=16, res_dim=64, res_layers=2, res_heads=4, res_ffn=256, res_dropout=0.0,
-        res_init_std=0.125, res_out_std=0.1,  # tiny-only: from scratch the media must get through from step 0
-        mmfs_every=2, mmfs_heads=4, mmfs_head_dim=16, mmfs_points=2, mmfs_offset_init=1.0, max_images=8,
-        mmfs_gate_init=1.0,  # tiny-only: open gates (a zero-init gate stays near 0 for hundreds of steps)
-        dec_queries=16, dec_dim=64, dec_heads=4, dec_ffn=256, dec_mmfs_heads=4, dec_mmfs_head_dim=16,
-        dec_init_std=0.25,  # tiny-only: the condition must depend on the caption from step 0 (issue 16 probes)
-        dec_mmfs_points=2, image_size=32, freeze_vit=False, freeze_llm=False, lr=1e-3, lr_unet=1e-3,
+        n_image_tokens=16, max_images=8, image_size=32,
+        resampler=dict(dim=64, layers=2, heads=4, ffn=256, dropout=0.0,
+                       init_std=0.125, out_std=0.1),  # tiny-only: from scratch the media must get through from step 0
+        mmfs=dict(every=2, heads=4, head_dim=16, points=2, offset_init=1.0,
+                  gate_init=1.0),  # tiny-only: open gates (a zero-init gate stays near 0 for hundreds of steps)
+        decoder=dict(queries=16, dim=64, heads=4, ffn=256, mmfs_heads=4, mmfs_head_dim=16, mmfs_points=2,
+                     init_std=0.25),  # tiny-only: the condition depends on the caption from step 0 (see README)
+        freeze_vit=False, freeze_llm=False, lr=1e-3, lr_unet=1e-3,
         lr_offsets=1e-3),  # tiny-only: offsets learn where to look at the lr of the rest (official 10x lower)
 }
 
@@ -295,9 +326,9 @@ class GatedMMFS(nn.Module):
     def __init__(self, dim, vis_dim, cfg: MMIConfig, eps, grid):
         super().__init__()
         self.norm_q, self.norm_v = RMSNorm(dim, eps), RMSNorm(vis_dim, eps)
-        self.mmfs = MMFS(dim, vis_dim, cfg.mmfs_heads, 3, cfg.mmfs_points, head_dim=cfg.mmfs_head_dim, out_dim=dim,
-                         offset_init=cfg.mmfs_offset_init, max_images=cfg.max_images, base_grid=grid)
-        self.gate = nn.Parameter(torch.full((1,), float(cfg.mmfs_gate_init)))
+        self.mmfs = MMFS(dim, vis_dim, cfg.mmfs.heads, 3, cfg.mmfs.points, head_dim=cfg.mmfs.head_dim, out_dim=dim,
+                         offset_init=cfg.mmfs.offset_init, max_images=cfg.max_images, base_grid=grid)
+        self.gate = nn.Parameter(torch.full((1,), float(cfg.mmfs.gate_init)))
 
     def project_values(self, values):
         """Visual features [..., Dv] -> the values MMFS samples from [..., heads*head_dim] (per position)."""
@@ -325,7 +356,7 @@ def flatten_maps(maps):
 
 class VisualTokenizer(nn.Module):
     """CLIP ViT + ViT-Adapter -> 4 multi-scale maps; its tokens at the ViT's width Dv: Linear -> LN, + 2D sin-cos ->
-    LN -> Perceiver resampler (its cross-attention maps Dv to res_dim) -> n_image_tokens embeddings of the LLM's
+    LN -> Perceiver resampler (its cross-attention maps Dv to resampler.dim) -> n_image_tokens embeddings of the LLM's
     width (official VisualTokenizer: pos_proj, pos_ln, post_ln, perceiver_resampler, proj)."""
 
     def __init__(self, cfg: MMIConfig, llm_dim, vit=None):
@@ -335,9 +366,9 @@ class VisualTokenizer(nn.Module):
         Dv, self.grid = vit.cfg.hidden_size, vit.cfg.image_size // vit.cfg.patch_size
         self.proj = nn.Linear(Dv, Dv)
         self.proj_norm, self.pos_norm = nn.LayerNorm(Dv, eps=1e-6), nn.LayerNorm(Dv, eps=1e-6)
-        self.resampler = Resampler(cfg.n_image_tokens, cfg.res_dim, cfg.res_layers, cfg.res_heads, Dv, llm_dim,
-                                   cfg.res_ffn, cfg.res_cross_every, qk_norm=True, dropout=cfg.res_dropout,
-                                   out_std=cfg.res_out_std, init_std=cfg.res_init_std)
+        self.resampler = Resampler(cfg.n_image_tokens, cfg.resampler.dim, cfg.resampler.layers, cfg.resampler.heads, Dv, llm_dim,
+                                   cfg.resampler.ffn, cfg.resampler.cross_every, qk_norm=True, dropout=cfg.resampler.dropout,
+                                   out_std=cfg.resampler.out_std, init_std=cfg.resampler.init_std)
 
     @property
     def vit(self):
@@ -383,8 +414,8 @@ class UNetTap(nn.Module):
     def __init__(self, channels, vis_dim, cfg: MMIConfig, grid):
         super().__init__()
         self.norm_q, self.norm_v = nn.LayerNorm(channels, eps=1e-6), nn.LayerNorm(vis_dim, eps=1e-6)
-        self.mmfs = MMFS(channels, vis_dim, cfg.dec_mmfs_heads, 4, cfg.dec_mmfs_points, head_dim=cfg.dec_mmfs_head_dim,
-                         offset_init=cfg.dec_mmfs_offset_init, max_images=1, base_grid=grid)
+        self.mmfs = MMFS(channels, vis_dim, cfg.decoder.mmfs_heads, 4, cfg.decoder.mmfs_points, head_dim=cfg.decoder.mmfs_head_dim,
+                         offset_init=cfg.decoder.mmfs_offset_init, max_images=1, base_grid=grid)
         self.zero = nn.Linear(channels, channels)
         nn.init.zeros_(self.zero.weight)
         nn.init.zeros_(self.zero.bias)
@@ -415,13 +446,13 @@ class ImageDecoder(nn.Module):
         self.cfg = cfg
         self.unet = unet or UNet(UNetConfig.from_dict(cfg.unet))
         C = self.unet.cfg.cross_attention_dim
-        if cfg.dec_dim != C:
-            raise ValueError(f"dec_dim {cfg.dec_dim} must be the U-Net's cross-attention width {C} (official: the "
+        if cfg.decoder.dim != C:
+            raise ValueError(f"dec_dim {cfg.decoder.dim} must be the U-Net's cross-attention width {C} (official: the "
                              "decoder resampler has no output Linear)")
         self.context_proj = nn.Linear(llm_dim, llm_dim)
-        self.resampler = Resampler(cfg.dec_queries, C, cfg.dec_layers, cfg.dec_heads, llm_dim, ffn=cfg.dec_ffn,
-                                   init_std=cfg.dec_init_std)
-        self.null_cond = nn.Parameter(torch.randn(cfg.dec_queries, C))  # official: SD's text encoding of ""
+        self.resampler = Resampler(cfg.decoder.queries, C, cfg.decoder.layers, cfg.decoder.heads, llm_dim, ffn=cfg.decoder.ffn,
+                                   init_std=cfg.decoder.init_std)
+        self.null_cond = nn.Parameter(torch.randn(cfg.decoder.queries, C))  # official: SD's text encoding of ""
         self.vae = vae if vae is not None else AutoencoderKL(VAEConfig.from_dict(cfg.vae)) if cfg.vae else None
         self.latent = cfg.image_size // (8 if self.vae is not None else 1)
         self.taps = nn.ModuleList(UNetTap(c, vis_dim, cfg, (self.latent // s, self.latent // s))
@@ -473,7 +504,7 @@ class ImageDecoder(nn.Module):
         [0, 1] given their conditions [n, Q, C]."""
         uniform, vae_eps, noise, t = self.random_draws(len(images01), cond.device)
         if self.training:  # classifier-free guidance: the null condition for null_prob of the images
-            cond = torch.where((uniform < self.cfg.null_prob)[:, None, None], self.null_cond.to(cond.dtype), cond)
+            cond = torch.where((uniform < self.cfg.decoder.null_prob)[:, None, None], self.null_cond.to(cond.dtype), cond)
         with torch.no_grad():
             x0 = self.to_latent(images01, vae_eps)
         noise = noise.to(x0)
@@ -524,7 +555,7 @@ class MMI(nn.Module):
         Dv, grid = self.visual_tokenizer.vit.cfg.hidden_size, self.visual_tokenizer.grid
         # LLM: MMFS in layers 0, k, 2k, ...; BoI embedding = frozen base row + learnable zero-init vector;
         # LM head + 2 rows (NEW_ROW_OFFSET, BOI_INIT_LOGIT above)
-        for i in range(0, self.llm.cfg.n_layers, cfg.mmfs_every) if cfg.use_mmfs else []:
+        for i in range(0, self.llm.cfg.n_layers, cfg.mmfs.every) if cfg.use_mmfs else []:
             self.llm.insert(i, GatedMMFS(D, Dv, cfg, self.llm.cfg.norm_eps, grid))
         self.register_buffer("boi_base", torch.randn(D) * 0.02)  # stands for the resized table's new row
         self.boi = nn.Parameter(torch.zeros(D))
@@ -662,7 +693,7 @@ class MMI(nn.Module):
             ctx = self.image_decoder.context(*maps, lay.prev[drawn])
             losses = self.image_decoder.loss(cond, batch.get("images_dec", images)[drawn], ctx)
             image_loss = losses.sum() / len(lay.rows)  # a mean over ALL images, those without context as zeros
-        return dict(loss=text_loss + self.cfg.image_loss_weight * image_loss, text_loss=text_loss.detach(),
+        return dict(loss=text_loss + self.cfg.decoder.loss_weight * image_loss, text_loss=text_loss.detach(),
                     image_loss=image_loss.detach(), n_text=n_text, n_images=len(drawn))
 
     # --- training helpers ---------------------------------------------------------------------------------------

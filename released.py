@@ -271,17 +271,17 @@ def overrides(mc):
     vis = (mc.get("visual_tokenizer_config") or {}).get("perceiver_config") or {}
     dec = mc.get("image_decoder_config") or {}
     dq = dec.get("perceiver_config") or {}
-    table = [("n_image_tokens", mc, "num_img_token"), ("mmfs_every", mc, "cross_attention_frequency"),
-             ("image_loss_weight", mc, "loss_img_weight"), ("res_dim", vis, "hidden_size"),
-             ("res_layers", vis, "num_hidden_layers"), ("res_heads", vis, "num_attention_heads"),
-             ("res_ffn", vis, "intermediate_size"), ("res_cross_every", vis, "cross_attention_frequency"),
-             ("res_dropout", vis, "hidden_dropout_prob"), ("image_size", dec, "image_size"),
-             ("null_prob", dec, "uncond_prob"), ("dec_queries", dq, "num_queries"), ("dec_dim", dq, "hidden_size"),
-             ("dec_layers", dq, "num_hidden_layers"), ("dec_heads", dq, "num_attention_heads"),
-             ("dec_ffn", dq, "intermediate_size")]
+    table = [("n_image_tokens", mc, "num_img_token"), ("mmfs.every", mc, "cross_attention_frequency"),
+             ("decoder.loss_weight", mc, "loss_img_weight"), ("resampler.dim", vis, "hidden_size"),
+             ("resampler.layers", vis, "num_hidden_layers"), ("resampler.heads", vis, "num_attention_heads"),
+             ("resampler.ffn", vis, "intermediate_size"), ("resampler.cross_every", vis, "cross_attention_frequency"),
+             ("resampler.dropout", vis, "hidden_dropout_prob"), ("image_size", dec, "image_size"),
+             ("decoder.null_prob", dec, "uncond_prob"), ("decoder.queries", dq, "num_queries"),
+             ("decoder.dim", dq, "hidden_size"), ("decoder.layers", dq, "num_hidden_layers"),
+             ("decoder.heads", dq, "num_attention_heads"), ("decoder.ffn", dq, "intermediate_size")]
     out = {field: d[key] for field, d, key in table if d.get(key) is not None}
     if mc.get("image_embed_dim"):  # the LLM's MMFS: 16 heads (hard-coded) over the image features' width
-        out["mmfs_head_dim"] = mc["image_embed_dim"] // 16
+        out["mmfs.head_dim"] = mc["image_embed_dim"] // 16
     if "special_token_dict" in mc:
         out["pad_id"] = mc["special_token_dict"]["pad_token_id"]
     return out
@@ -305,7 +305,7 @@ def check_config(mc, cfg, source="config"):
               ("visual perceiver encoder_hidden_size", vis.get("encoder_hidden_size", Dv), Dv),
               ("visual perceiver qk_normalization", vis.get("qk_normalization", True), True),
               ("decoder perceiver encoder_hidden_size", dq.get("encoder_hidden_size", D), D),
-              ("image_decoder_config.embed_dim", dec.get("embed_dim", cfg.dec_dim), cfg.dec_dim),
+              ("image_decoder_config.embed_dim", dec.get("embed_dim", cfg.decoder.dim), cfg.decoder.dim),
               ("decoder perceiver qk_normalization", dq.get("qk_normalization", False), False),
               ("decoder perceiver cross_attention_frequency", dq.get("cross_attention_frequency", 1), 1)]
     for name, got, want in wanted:

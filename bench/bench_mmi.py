@@ -144,8 +144,8 @@ def bench_mmfs(args):
     """LLM forward (no grad) on a packed sequence with images, with vs without the MMFS layers."""
     configs = {
         "tiny": {},
-        "medium": {"llm.dim": 1024, "llm.n_layers": 8, "llm.n_heads": 16, "llm.hidden_dim": 2816, "mmfs_every": 4,
-                   "mmfs_heads": 16, "mmfs_head_dim": 64, "mmfs_points": 8, "n_image_tokens": 32,
+        "medium": {"llm.dim": 1024, "llm.n_layers": 8, "llm.n_heads": 16, "llm.hidden_dim": 2816, "mmfs.every": 4,
+                   "mmfs.heads": 16, "mmfs.head_dim": 64, "mmfs.points": 8, "n_image_tokens": 32,
                    "vision.hidden_size": 256, "vision.intermediate_size": 1024, "vision.num_attention_heads": 8,
                    "vision.image_size": 64, "adapter.n_heads": 8},
     }
@@ -180,14 +180,14 @@ def mmfs_flops(cfg: MMIConfig, T=2048, n_images=5):
     """Analytic multiply-adds per token: one LLM layer vs one MMFS layer (docs/official.md shapes), for the FLOPs ratio
     of the whole LLM. Images: levels 2-4 of the adapter = 21 x 21 base-grid cells (1344 values at 224 px)."""
     D, H, L = cfg.llm["dim"], cfg.llm["hidden_dim"], cfg.llm["n_layers"]
-    M, hd, P, Dv = cfg.mmfs_heads, cfg.mmfs_head_dim, cfg.mmfs_points, cfg.vision["hidden_size"]
+    M, hd, P, Dv = cfg.mmfs.heads, cfg.mmfs.head_dim, cfg.mmfs.points, cfg.vision["hidden_size"]
     g = cfg.vision["image_size"] // cfg.vision["patch_size"]
     S = (2 * g) ** 2 + g ** 2 + (g // 2) ** 2
     layer = 4 * D * D + 3 * D * H + T * D  # q/k/v/o, SwiGLU, attention over ~T/2 keys (scores + values)
     mmfs = (D * D + D * M * P * 2 + D * M * 3 * P + M * hd * D  # query, offsets, weights, output projections
             + n_images * 3 * P * M * hd * 5                     # bilinear samples (4 taps + weight) per image/level
             + n_images * S * Dv * M * hd / T)                   # value projection, shared by the T tokens
-    n_mmfs = len(range(0, L, cfg.mmfs_every))
+    n_mmfs = len(range(0, L, cfg.mmfs.every))
     return n_mmfs * mmfs / (L * layer)
 
 

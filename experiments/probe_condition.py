@@ -62,7 +62,7 @@ class Condition(nn.Module):
             if mode == "objects_mlp":
                 self.mlp = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, 4 * D), nn.GELU(), nn.Linear(4 * D, C))
             if mode == "objects_resampler":
-                self.resampler = Resampler(queries, cfg.dec_dim, cfg.dec_layers, cfg.dec_heads, D, C,
+                self.resampler = Resampler(queries, cfg.decoder.dim, cfg.decoder.layers, cfg.decoder.heads, D, C,
                                            out_std=out_std, init_std=init_std, qk_norm=qk_norm)
             return
         if mode.startswith("llm"):  # llm, llm_qa, llm_conv, llm_last
@@ -77,7 +77,7 @@ class Condition(nn.Module):
         if mode == "llm_conv":
             self.conv = nn.Conv1d(D, D, 8)
         if not direct:
-            self.resampler = Resampler(queries, cfg.dec_dim, cfg.dec_layers, cfg.dec_heads, D, C,
+            self.resampler = Resampler(queries, cfg.decoder.dim, cfg.decoder.layers, cfg.decoder.heads, D, C,
                                        out_std=out_std, init_std=init_std, qk_norm=qk_norm)
 
     stats, nuisance, scale = None, 0.0, 1.0  # probe variants, set by main() (and the parameter "sink")
@@ -199,7 +199,7 @@ def main():
         add_unet_positions()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    cfg = MMIConfig.from_name("tiny", **({} if a.layers is None else {"dec_layers": a.layers}))
+    cfg = MMIConfig.from_name("tiny", **({} if a.layers is None else {"decoder.layers": a.layers}))
     unet, sched = UNet(UNetConfig.from_dict(cfg.unet)), NoiseSchedule(**cfg.schedule)
     cond = Condition(a.mode, cfg, unet.cfg.cross_attention_dim, a.queries, a.out_std, a.init_std,
                      a.direct, a.qk_norm)

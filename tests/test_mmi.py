@@ -27,11 +27,11 @@ MICRO = {
                  down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
                  up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], attention_head_dim=[2, 2],
                  cross_attention_dim=32, norm_num_groups=8, sample_size=16),
-    "mmfs_gate_init": 0.0,  # official-style zero gates (the tiny preset opens them; see mmi.PRESETS)
-    "n_image_tokens": 4, "res_dim": 32, "res_layers": 2, "res_heads": 2, "res_ffn": 64, "mmfs_every": 1,
-    "mmfs_heads": 2, "mmfs_head_dim": 16, "mmfs_points": 2, "max_images": 4, "dec_queries": 4, "dec_dim": 32,
-    "dec_heads": 2, "dec_ffn": 64,
-    "dec_mmfs_heads": 2, "dec_mmfs_head_dim": 16, "dec_mmfs_points": 2, "image_size": 16,
+    "mmfs.gate_init": 0.0,  # official-style zero gates (the tiny preset opens them; see mmi.PRESETS)
+    "mmfs.every": 1, "mmfs.heads": 2, "mmfs.head_dim": 16, "mmfs.points": 2,
+    "resampler.dim": 32, "resampler.layers": 2, "resampler.heads": 2, "resampler.ffn": 64,
+    "decoder.queries": 4, "decoder.dim": 32, "decoder.heads": 2, "decoder.ffn": 64, "decoder.mmfs_heads": 2,
+    "decoder.mmfs_head_dim": 16, "decoder.mmfs_points": 2, "n_image_tokens": 4, "max_images": 4, "image_size": 16,
 }
 
 
@@ -65,7 +65,7 @@ def test_config_presets_and_overrides():
     cfg = MMIConfig.from_name("tiny", n_image_tokens=8, **{"llm.n_layers": 6})
     assert cfg.n_image_tokens == 8 and cfg.llm["n_layers"] == 6 and cfg.boi_id == 440 and cfg.image_id == 441
     off = MMIConfig.from_name("official")
-    assert (off.boi_id, off.image_id, off.pad_id, off.n_image_tokens, off.image_loss_weight) == (32000, 32001, 31999,
+    assert (off.boi_id, off.image_id, off.pad_id, off.n_image_tokens, off.decoder.loss_weight) == (32000, 32001, 31999,
                                                                                                  64, 10.0)
     with pytest.raises(KeyError):
         MMIConfig.from_name("tiny", not_a_field=1)
@@ -237,7 +237,7 @@ def test_generation_cache_equals_recompute_and_interleaves():
 def test_generation_projects_each_image_once_per_mmfs_layer():
     # With the cache, an LLM MMFS layer norms + projects an image once, when it enters the context, and reuses it
     # for every later token; the recompute path projects all images at every call. Same logits either way.
-    model = micro(live=True, **{"llm.n_layers": 3, "mmfs_every": 2})  # MMFS in layers 0 and 2
+    model = micro(live=True, **{"llm.n_layers": 3, "mmfs.every": 2})  # MMFS in layers 0 and 2
     tok = model.tok
     layers = [b.inserted for b in model.llm.layers if b.inserted is not None]
     calls = {}

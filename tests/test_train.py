@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parent.parent
 # a smaller tiny model and short rows so that each run takes seconds
 SMALL = ["--seq_len=128", "--n_image_tokens=4", "--llm.n_layers=2", "--llm.dim=64", "--llm.hidden_dim=128",
-         "--res_layers=1", "--unet.block_out_channels=[16,32,32]", "--unet.attention_head_dim=[1,2,2]",
+         "--resampler.layers=1", "--unet.block_out_channels=[16,32,32]", "--unet.attention_head_dim=[1,2,2]",
          "--eval_n=0", "--log_interval=1", "--threads=1", "--sd_path="]  # from scratch: a U-Net of its own size
 
 
