@@ -366,9 +366,9 @@ class VisualTokenizer(nn.Module):
         Dv, self.grid = vit.cfg.hidden_size, vit.cfg.image_size // vit.cfg.patch_size
         self.proj = nn.Linear(Dv, Dv)
         self.proj_norm, self.pos_norm = nn.LayerNorm(Dv, eps=1e-6), nn.LayerNorm(Dv, eps=1e-6)
-        self.resampler = Resampler(cfg.n_image_tokens, cfg.resampler.dim, cfg.resampler.layers, cfg.resampler.heads, Dv, llm_dim,
-                                   cfg.resampler.ffn, cfg.resampler.cross_every, qk_norm=True, dropout=cfg.resampler.dropout,
-                                   out_std=cfg.resampler.out_std, init_std=cfg.resampler.init_std)
+        r = cfg.resampler
+        self.resampler = Resampler(cfg.n_image_tokens, r.dim, r.layers, r.heads, Dv, llm_dim, r.ffn, r.cross_every,
+                                   qk_norm=True, dropout=r.dropout, out_std=r.out_std, init_std=r.init_std)
 
     @property
     def vit(self):
@@ -414,8 +414,9 @@ class UNetTap(nn.Module):
     def __init__(self, channels, vis_dim, cfg: MMIConfig, grid):
         super().__init__()
         self.norm_q, self.norm_v = nn.LayerNorm(channels, eps=1e-6), nn.LayerNorm(vis_dim, eps=1e-6)
-        self.mmfs = MMFS(channels, vis_dim, cfg.decoder.mmfs_heads, 4, cfg.decoder.mmfs_points, head_dim=cfg.decoder.mmfs_head_dim,
-                         offset_init=cfg.decoder.mmfs_offset_init, max_images=1, base_grid=grid)
+        d = cfg.decoder
+        self.mmfs = MMFS(channels, vis_dim, d.mmfs_heads, 4, d.mmfs_points, head_dim=d.mmfs_head_dim,
+                         offset_init=d.mmfs_offset_init, max_images=1, base_grid=grid)
         self.zero = nn.Linear(channels, channels)
         nn.init.zeros_(self.zero.weight)
         nn.init.zeros_(self.zero.bias)
@@ -450,8 +451,8 @@ class ImageDecoder(nn.Module):
             raise ValueError(f"dec_dim {cfg.decoder.dim} must be the U-Net's cross-attention width {C} (official: the "
                              "decoder resampler has no output Linear)")
         self.context_proj = nn.Linear(llm_dim, llm_dim)
-        self.resampler = Resampler(cfg.decoder.queries, C, cfg.decoder.layers, cfg.decoder.heads, llm_dim, ffn=cfg.decoder.ffn,
-                                   init_std=cfg.decoder.init_std)
+        d = cfg.decoder
+        self.resampler = Resampler(d.queries, C, d.layers, d.heads, llm_dim, ffn=d.ffn, init_std=d.init_std)
         self.null_cond = nn.Parameter(torch.randn(cfg.decoder.queries, C))  # official: SD's text encoding of ""
         self.vae = vae if vae is not None else AutoencoderKL(VAEConfig.from_dict(cfg.vae)) if cfg.vae else None
         self.latent = cfg.image_size // (8 if self.vae is not None else 1)
@@ -497,14 +498,16 @@ class ImageDecoder(nn.Module):
         shape = (n, self.unet.cfg.in_channels, self.latent, self.latent)
         uniform = torch.rand(n, device=device)
         vae_eps = torch.randn(shape, device=device) if self.vae is not None else None
-        return uniform, vae_eps, torch.randn(shape, device=device), torch.randint(0, self.schedule.N, (n,), device=device)
+        noise, t = torch.randn(shape, device=device), torch.randint(0, self.schedule.N, (n,), device=device)
+        return uniform, vae_eps, noise, t
 
     def loss(self, cond, images01, ctx: DecoderContext):
         """Per-image diffusion loss [n] (mean squared error of the prediction, official) of images [n, 3, H, W] in
         [0, 1] given their conditions [n, Q, C]."""
         uniform, vae_eps, noise, t = self.random_draws(len(images01), cond.device)
         if self.training:  # classifier-free guidance: the null condition for null_prob of the images
-            cond = torch.where((uniform < self.cfg.decoder.null_prob)[:, None, None], self.null_cond.to(cond.dtype), cond)
+            drop = (uniform < self.cfg.decoder.null_prob)[:, None, None]
+            cond = torch.where(drop, self.null_cond.to(cond.dtype), cond)
         with torch.no_grad():
             x0 = self.to_latent(images01, vae_eps)
         noise = noise.to(x0)

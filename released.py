@@ -9,7 +9,8 @@ The released MM-Interleaved checkpoint (the authors' whole-model state_dict, as 
 
 `targets` maps our state-dict keys to the tensors (or meta tensors) they must fill: their shapes decide how the
 official tensors are cut (the null-slot rows of each MMFS, the rows of the image-index embeddings, the LM head's
-new rows). load_released puts it together (checkpoints.build_model(released=...) calls it). The authors' module names are those of RULES below.
+new rows). load_released puts it together (checkpoints.build_model(released=...) calls it). The authors' module
+names are those of RULES below.
 """
 import math
 import re

@@ -83,7 +83,7 @@ dtype = "float32"          # "float32", "bfloat16" or "float16" (autocast; fp16 
 compile = False
 grad_checkpointing = False
 threads = 1                # torch CPU threads per process, 0 = torch's default (tiny: 1; use processes)
-# official components (preset "official"): folders for checkpoints.from_components. Other presets: sd_path, a tiny Stable
+# official components (preset "official"): folders for checkpoints.build_model. Other presets: sd_path, a tiny Stable
 # Diffusion folder of tiny_sd.py, is built on as the paper builds on SD 2.1: its U-Net frozen (--freeze_unet=False
 # fine-tunes it), the null condition from its encoding of ""; --sd_path="" trains everything from scratch
 clip_path = llm_path = ""
@@ -116,406 +116,423 @@ RANGES = {  # every numeric knob's valid values (cli.check_ranges), checked befo
 
 knob_names = [k for k, v in globals().items() if not k.startswith("_") and k != "PRESET_KNOBS"
               and isinstance(v, (int, float, bool, str))]
-_unchecked = [k for k in knob_names if type(globals()[k]) in (int, float) and k not in RANGES]
-assert not _unchecked, f"train.py: numeric knobs without a range in RANGES: {_unchecked}"
-model_overrides = {}  # keys that are not knobs: model-config fields
-_updates = cli.parse_flags([a.replace("--data=", "--data_paths=", 1) for a in sys.argv[1:]],
-                           {k: globals()[k] for k in knob_names}, extra=model_overrides)
-globals().update(PRESET_KNOBS.get(_updates.get("preset", preset), {}))
-globals().update(_updates)
-cli.check_ranges({k: globals()[k] for k in knob_names}, RANGES)
-if preset not in PRESETS:
-    raise SystemExit(f"error: unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-if dtype not in DTYPES:
-    raise SystemExit(f"error: --dtype={dtype} is not one of {', '.join(DTYPES)}")
-if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-    raise SystemExit(f"error: --device={device} is not one of cpu, cuda, cuda:N")
-if device.startswith("cuda") and not torch.cuda.is_available():
-    raise SystemExit(f"error: --device={device} but torch {torch.__version__} sees no CUDA device; use --device=cpu")
-if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
-    raise SystemExit(f"error: --device={device} but there are {torch.cuda.device_count()} CUDA devices (cuda:0 ...)")
-CHOICES = {"schedule": ("cosine", "constant"), "eval_sampler": ("ddim", "ddpm")}
-for _k, _options in CHOICES.items():
-    if globals()[_k] not in _options:
-        raise SystemExit(f"error: --{_k}={globals()[_k]} is not one of {', '.join(_options)}")
-if not set(filter(None, eval_kinds.split(","))) <= set(world.KINDS):
-    raise SystemExit(f"error: --eval_kinds={eval_kinds}: each must be one of {', '.join(world.KINDS)}")
-try:  # the synthetic document mixture
-    mix = {k: float(w) for k, w in (kw.split(":") for kw in kinds.split(","))}
-    assert mix and set(mix) <= set(world.KINDS) and all(w >= 0 for w in mix.values()) and sum(mix.values()) > 0
-except (ValueError, AssertionError):
-    raise SystemExit(f"error: --kinds expects kind:weight pairs of {', '.join(world.KINDS)} with weights >= 0, "
-                     f"e.g. 't2i:0.3,i2t:0.3,qa:0.2,story:0.2'; got {kinds!r}")
-data_files = [p for p in data_paths.split(",") if p]
-missing = [p for p in data_files if not Path(p).is_file()]
-if missing:
-    raise SystemExit(f"error: --data_paths: no such file: {', '.join(missing)} (expects comma-separated .jsonl files)")
-config = {k: globals()[k] for k in knob_names}  # what the checkpoint and the log record
-if int(os.environ.get("RANK", 0)) == 0:
-    for k, v in {**_updates, **model_overrides}.items():
-        print(f"override: {k} = {v!r}")
-
-# -----------------------------------------------------------------------------
-# distributed set-up: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
-ddp = "RANK" in os.environ
-if ddp:
-    rank, world_size, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if device.startswith("cuda"):
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-else:
-    rank, world_size = 0, 1
-master = rank == 0
-if threads:
-    torch.set_num_threads(threads)
-device_type = "cuda" if device.startswith("cuda") else "cpu"
-ptdtype = DTYPES[dtype]
-autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
-scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
-out = cli.writable_dir(out_dir, "out_dir") if master else Path(out_dir)
-ckpt_file = out / "ckpt.pt"
-
-# -----------------------------------------------------------------------------
-# model, optimizer, schedule
-torch.manual_seed(seed)
-ckpt = None
-if resume:
-    if not ckpt_file.exists():
-        raise SystemExit(f"error: --resume=True but there is no checkpoint at {ckpt_file}")
-    try:  # plain tensors and Python containers only (weights_only=True): never unpickle arbitrary objects
-        ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"error: cannot read checkpoint {ckpt_file}: {str(e).splitlines()[0]}")
-    model_overrides = ckpt["model_overrides"]  # the architecture comes from the checkpoint
-try:
-    if init_from:  # a model folder (checkpoints.save / out_dir) to evaluate or to train further
-        model = checkpoints.build_model(ckpt=init_from)
-    elif preset == "official":
-        if not (clip_path and llm_path and sd_path):
-            raise SystemExit("error: preset 'official' needs --clip_path, --llm_path and --sd_path")
-        model = checkpoints.build_model(preset, clip=clip_path, llm=llm_path, sd=sd_path, dtype=ptdtype,
-                                        **model_overrides)
-    elif sd_path:  # the tiny world on its tiny SD: U-Net frozen, null condition from the encoding of ""
-        null = TextEncoder.from_pretrained(sd_path).encode([""])[0]
-        model = checkpoints.build_model(preset, sd=sd_path, null_cond=null, **{"freeze_unet": True, **model_overrides})
-    else:
-        model = checkpoints.build_model(preset, **model_overrides)
-except (KeyError, TypeError) as e:
-    raise SystemExit(f"error: bad model-config override: {e}")
-except (CheckpointError, FileNotFoundError, ValueError) as e:
-    flag = "--init_from" if init_from else "--sd_path" if sd_path else "--preset"
-    raise SystemExit(f"error: {flag}: {str(e).splitlines()[0]}")
-skip_keys = checkpoints.official_keys(model)  # frozen official weights are not stored in checkpoints
-if ckpt is not None:
-    state = ckpt["model"]
-    missing = set(model.state_dict()) - skip_keys - state.keys()
-    if missing or state.keys() - set(model.state_dict()):
-        raise SystemExit(f"error: {ckpt_file} does not match the model (missing {sorted(missing)[:5]})")
-    model.load_state_dict(state, strict=False)
-model.to(device)
-if grad_checkpointing:
-    model.set_grad_checkpointing(True)
-tok = model.tok
-mcfg = model.cfg
-# what a row and a document may hold against what the model can: its context and the images a token looks back at
-if seq_len > model.llm.cfg.max_seq_len:
-    raise SystemExit(f"error: --seq_len={seq_len}: the model's context holds {model.llm.cfg.max_seq_len} positions")
-if seq_len < mcfg.n_image_tokens + 3:
-    raise SystemExit(f"error: --seq_len={seq_len}: a row must hold <s>, one image ({mcfg.n_image_tokens + 1} "
-                     f"positions) and a token: at least {mcfg.n_image_tokens + 3}")
-doc_images = data.MAX_IMAGES if data_files else world.MAX_DOC_IMAGES
-if doc_images > mcfg.max_images:
-    raise SystemExit(f"error: documents may hold {doc_images} images; the model sees at most max_images="
-                     f"{mcfg.max_images} (--max_images=...)")
-
-# lr=0 keeps the model's per-group learning rates; else lr sets the main one and the others keep their ratio
-scale = lr / mcfg.lr if lr else 1.0
-groups = model.param_groups(weight_decay, mcfg.lr * scale, mcfg.lr_unet * scale, mcfg.lr_offsets * scale)
-optimizer = torch.optim.AdamW(groups, betas=(beta1, beta2), eps=eps, fused=device_type == "cuda")
+DEFAULTS = {k: globals()[k] for k in knob_names}
 
 
-def lr_factor(step):  # linear warmup, then cosine down to min_lr_ratio (or constant)
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    t = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+def main(argv):
+    """One run: train.py's command line as a list ("--key=value", ...). The knobs are this module's globals, as in
+    nanoGPT; each call starts from their defaults (so tests can call main in-process)."""
+    global device  # a knob that DDP sets per process
+    globals().update(DEFAULTS)
+    model_overrides = {}  # keys that are not knobs: model-config fields
+    _updates = cli.parse_flags([a.replace("--data=", "--data_paths=", 1) for a in argv],
+                               {k: globals()[k] for k in knob_names}, extra=model_overrides)
+    globals().update(PRESET_KNOBS.get(_updates.get("preset", preset), {}))
+    globals().update(_updates)
+    cli.check_ranges({k: globals()[k] for k in knob_names}, RANGES)
+    if preset not in PRESETS:
+        raise SystemExit(f"error: unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in DTYPES:
+        raise SystemExit(f"error: --dtype={dtype} is not one of {', '.join(DTYPES)}")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise SystemExit(f"error: --device={device} is not one of cpu, cuda, cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device={device} but torch {torch.__version__} sees no CUDA device; "
+                         "use --device=cpu")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise SystemExit(f"error: --device={device} but there are {torch.cuda.device_count()} CUDA devices "
+                         "(cuda:0 ...)")
+    CHOICES = {"schedule": ("cosine", "constant"), "eval_sampler": ("ddim", "ddpm")}
+    for _k, _options in CHOICES.items():
+        if globals()[_k] not in _options:
+            raise SystemExit(f"error: --{_k}={globals()[_k]} is not one of {', '.join(_options)}")
+    if not set(filter(None, eval_kinds.split(","))) <= set(world.KINDS):
+        raise SystemExit(f"error: --eval_kinds={eval_kinds}: each must be one of {', '.join(world.KINDS)}")
+    try:  # the synthetic document mixture
+        mix = {k: float(w) for k, w in (kw.split(":") for kw in kinds.split(","))}
+        assert mix and set(mix) <= set(world.KINDS) and all(w >= 0 for w in mix.values()) and sum(mix.values()) > 0
+    except (ValueError, AssertionError):
+        raise SystemExit(f"error: --kinds expects kind:weight pairs of {', '.join(world.KINDS)} with weights >= 0, "
+                         f"e.g. 't2i:0.3,i2t:0.3,qa:0.2,story:0.2'; got {kinds!r}")
+    data_files = [p for p in data_paths.split(",") if p]
+    missing = [p for p in data_files if not Path(p).is_file()]
+    if missing:
+        raise SystemExit(f"error: --data_paths: no such file: {', '.join(missing)} "
+                         "(expects comma-separated .jsonl files)")
+    config = {k: globals()[k] for k in knob_names}  # what the checkpoint and the log record
+    if int(os.environ.get("RANK", 0)) == 0:
+        for k, v in {**_updates, **model_overrides}.items():
+            print(f"override: {k} = {v!r}")
 
-
-scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-start_step = 0
-if ckpt is not None:
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    scaler.load_state_dict(ckpt["scaler"])
-    start_step = ckpt["step"]
-    rng = ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0]
-    torch.set_rng_state(rng["torch"])
-    np.random.set_state(("MT19937", rng["numpy_key"].numpy().astype(np.uint32), *rng["numpy_rest"]))
-    random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
-
-raw_model = model  # what gets saved: never the compiled or DDP wrapper (no "_orig_mod." / "module." keys)
-trainable = [p for p in raw_model.parameters() if p.requires_grad]
-if compile:
-    model = torch.compile(model)
-if ddp:
-    # FSDP would plug in here instead (torch.distributed.fsdp.fully_shard on each LLM block and the U-Net) when
-    # the trainable weights plus AdamW state do not fit one GPU; everything else in this file stays the same.
-    # the loss below takes every trainable parameter into every step, so no find_unused_parameters
-    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
-if master:
-    counts = raw_model.param_counts()
-    n_all, n_train = sum(a for a, _ in counts.values()), sum(b for _, b in counts.values())
-    print(f"model: {n_all / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trainable; "
-          f"global batch {batch_size * grad_accum * world_size} rows of {seq_len} tokens; world {world_size}")
-
-# -----------------------------------------------------------------------------
-# data: the synthetic world is a pure function of the micro-batch index; corpora are read in order (resume skips
-# the micro-batches already seen in the current epoch). Bad data is counted per epoch and for the run (data.Stats).
-
-def gather(obj):  # every rank's obj, in rank order (a collective: every rank calls it)
-    if not ddp:
-        return [obj]
-    objs = [None] * world_size
-    dist.all_gather_object(objs, obj)
-    return objs
-
-
-def all_ranks(stats):  # one Stats with every rank's counts (the records it lists are this rank's)
-    out = data.Stats()
-    out.skipped = stats.skipped
-    for state in gather(stats.state()):
-        out.merge(state)
-    return out
-
-
-stats = data.Stats()
-if ckpt is not None and master and "skipped" in ckpt:
-    stats.merge(ckpt["skipped"])  # the counts of all ranks up to the checkpoint
-if data_paths:
-    corpus = data.CorpusDataset(data_files, tok, mcfg.n_image_tokens, seq_len, image_size=mcfg.image_size,
-                                seed=seed, rank=rank, world_size=world_size)
-else:
-    synth = data.SyntheticDataset(tok, mcfg.n_image_tokens, seq_len, seed=seed, image_size=mcfg.image_size, kinds=mix)
-data_pos = dict(ckpt["data_pos"]) if ckpt is not None else dict(epoch=0, micro=0)
-
-
-def corpus_batches():
-    """Endless micro-batches from the corpora, epoch after epoch; reports bad data at the end of each epoch, and
-    stops at the end of the first epoch that had no batch at all. Under DDP an epoch ends for all ranks as soon as
-    one rank runs out of rows."""
-    while True:
-        corpus.set_epoch(data_pos["epoch"])
-        loader = torch.utils.data.DataLoader(corpus, batch_size=batch_size, collate_fn=data.collate,
-                                             num_workers=num_workers)
-        it = iter(loader)
-
-        def next_batch(count=True):  # the next batch with tokens, or None at the end of this rank's rows
-            for b in it:
-                skipped = b.pop("skipped")
-                if count:
-                    stats.add(skipped)
-                if "tokens" in b:  # else a shard with nothing usable sent its skipped records alone
-                    return b
-            return None
-
-        for _ in range(data_pos["micro"]):  # skip what this epoch already trained on (counted in the checkpoint)
-            next_batch(count=False)
-        while True:
-            b = next_batch()
-            more = torch.tensor(float(b is not None))
-            if ddp:
-                dist.all_reduce(more, op=dist.ReduceOp.MIN)
-            if not more:
-                break
-            data_pos["micro"] += 1
-            yield b
-        counts = all_ranks(stats)
-        if data_pos["micro"] == 0:  # nothing to train on: stop, rather than start the next epoch forever
-            why = f"skipped {counts.summary(counts.epoch)}, kept none" if counts.epoch else "no document in them"
-            if world_size > 1:
-                why += f" (for one of the {world_size} ranks: rank r reads lines r, r + {world_size}, ...)"
-            raise SystemExit(f"error: --data_paths: nothing usable in {', '.join(data_files)}: {why}" if master else 1)
-        if master:
-            tqdm.write(f"epoch {data_pos['epoch']} done: {counts.report()}")
-            log(dict(epoch=data_pos["epoch"], skipped=sum(counts.epoch.values()),
-                     skipped_in_all=sum(counts.total.values()), skipped_kinds=dict(counts.epoch)))
-        stats.end_epoch()
-        data_pos["epoch"], data_pos["micro"] = data_pos["epoch"] + 1, 0
-
-
-def synthetic_batches():
-    for b in synth.loader(batch_size, start_step * grad_accum, rank, world_size, num_workers):
-        stats.add(b.pop("skipped"))  # documents longer than seq_len
-        yield b
-
-
-batches = corpus_batches() if data_paths else synthetic_batches()
-
-
-def to_device(b):
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
-
-
-# -----------------------------------------------------------------------------
-# evaluation on the held-out synthetic split, scored by world.score
-
-@torch.no_grad()
-def evaluate(m, n=eval_n, kinds=eval_kinds):
-    m.eval()
-    gen = torch.Generator(device).manual_seed(eval_seed)
-    opts = dict(temperature=0.0, steps=eval_steps, sampler=eval_sampler, guidance=eval_guidance, generator=gen)
-    metrics = {}
-    for kind in [k for k in kinds.split(",") if k]:
-        scores = []
-        for ex in world.eval_examples(kind, n, seed=eval_seed, size=mcfg.image_size):
-            if kind in ("i2t", "qa"):  # text answer; greedy
-                items = generate(m, ex["prompt"], max_new_tokens=160 if kind == "i2t" else 20, max_images=0, **opts)
-                pred = next((x for x in items if isinstance(x, str)), "")
-            else:  # the prompt ends where an image must come: start it at once
-                pred = draw_image(m, ex["prompt"], **opts)
-            scores.append(world.score(ex, pred))
-        for key in scores[0]:
-            metrics[f"{kind}_{key}"] = sum(s[key] for s in scores) / len(scores)
-    m.train()
-    return metrics
-
-
-# -----------------------------------------------------------------------------
-# checkpoints: ckpt.pt (all that resuming needs) and the model for sample.py (model.safetensors + config.json) are
-# all written into out/.saving, then renamed into place, ckpt.pt last: a crash never leaves a broken file, and the
-# three come from the same step (a Ctrl-C waits for the save to end: ctrl_c_deferred below)
-
-def save_checkpoint(step):
-    _, key, *rest = np.random.get_state()  # stored as tensors and numbers so that weights_only loading works
-    rng = dict(torch=torch.get_rng_state(), numpy_key=torch.from_numpy(key.astype(np.int64)), numpy_rest=list(rest),
-               python=list(random.getstate()))
-    rngs, skipped = gather(rng), all_ranks(stats).state()
-    if not master:
-        return
-    state = {k: v for k, v in raw_model.state_dict().items() if k not in skip_keys}
-    obj = dict(model=state, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-               scaler=scaler.state_dict(), step=step, rng=rngs, data_pos=dict(data_pos), skipped=skipped,
-               config=config, model_overrides=model_overrides, model_config=asdict(mcfg))
-    tmp = out / ".saving"
-    checkpoints.save(raw_model, tmp)
-    torch.save(obj, tmp / "ckpt.pt")
-    for name in ("model.safetensors", "config.json", "ckpt.pt"):
-        os.replace(tmp / name, out / name)
-    tmp.rmdir()
-
-
-# -----------------------------------------------------------------------------
-# training loop
-log_file = open(out / "log.jsonl", "a") if master else None
-
-
-def log(record):
-    if master:
-        log_file.write(json.dumps(record) + "\n")
-        log_file.flush()
-
-
-def stop(why, status):
-    """End the run with one line: why, and where the last good checkpoint is."""
-    msg = f"{why}; stopping. " + (f"The last good checkpoint is {ckpt_file} (step {last_good})."
-                                  if last_good is not None else "No checkpoint was written yet.")
-    if master:
-        log(dict(step=step, error=msg))
-        pbar.close()
-        print(msg, file=sys.stderr)
-    sys.exit(status)
-
-
-@contextmanager
-def ctrl_c_deferred():
-    """A Ctrl-C during the block takes effect when the block ends: a checkpoint is never left half written."""
-    got = []
-    handler = signal.signal(signal.SIGINT, lambda *_: got.append(True))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, handler)
-    if got:
-        handler(signal.SIGINT, None)
-
-
-if eval_only:  # score the model (--init_from) on the held-out scenes and print one JSON line
-    if master:
-        print(json.dumps({k: round(v, 4) for k, v in evaluate(raw_model).items()}))
-    sys.exit(0)
-last_good = start_step if ckpt is not None else None
-model.train()
-if start_step < max_steps:  # the first micro-batch before the progress bar: a corpus with nothing usable stops here
-    try:
-        batches = itertools.chain([next(batches)], batches)
-    except ValueError as e:  # e.g. a seq_len too short for any synthetic document
-        raise SystemExit(f"error: --seq_len={seq_len}: {e}")
-pbar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, disable=not master,
-            dynamic_ncols=True)
-step = start_step
-signal.signal(signal.SIGINT, lambda *_: stop("interrupted (Ctrl-C)", 130))  # one line, no traceback
-t0, tokens_seen, images_seen = time.time(), 0, 0
-for step in pbar:
-    sums = torch.zeros(5, dtype=torch.float64)  # loss, text loss, image loss, tokens, images (this rank)
-    for micro in range(grad_accum):
-        batch = to_device(next(batches))
-        g = (step * grad_accum + micro) * world_size + rank
-        torch.manual_seed(seed * 1_000_003 + g)  # the micro-batch's own randomness, whichever process runs it
-        sync = micro == grad_accum - 1
-        with (nullcontext() if sync or not ddp else model.no_sync()), autocast:
-            out_ = model(batch)
-            # + exactly zero from every trainable parameter: a batch without images (or whose images have no
-            # context) leaves some unused, and DDP then needs no find_unused_parameters
-            loss = (out_["loss"] + 0.0 * sum(p.reshape(-1)[0] for p in trainable)) / grad_accum
-        scaler.scale(loss).backward()
-        sums += torch.tensor([out_["loss"].item(), out_["text_loss"].item(), out_["image_loss"].item(),
-                              int((batch["tokens"] != tok.pad_id).sum()), out_["n_images"]], dtype=torch.float64)
+    # -----------------------------------------------------------------------------
+    # distributed set-up: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
+    ddp = "RANK" in os.environ
     if ddp:
-        dist.all_reduce(sums)
-    n_micro = grad_accum * world_size
-    loss_v, text_v, image_v = (sums[:3] / n_micro).tolist()
-    if not math.isfinite(loss_v):
-        if ddp:
-            dist.destroy_process_group()
-        stop(f"step {step}: loss is {loss_v}", 2)
-    if grad_clip:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    lr_now = optimizer.param_groups[0]["lr"]
-    scheduler.step()
-    tokens_seen, images_seen = tokens_seen + int(sums[3]), images_seen + int(sums[4])
-    dt = time.time() - t0
-    pbar.set_postfix_str(f"loss {loss_v:.3f} text {text_v:.3f} img {image_v:.4f} {tokens_seen / dt:.0f} tok/s")
-    if (step + 1) % log_interval == 0 or step + 1 == max_steps or step == start_step:
-        log(dict(step=step + 1, loss=loss_v, text_loss=text_v, image_loss=image_v, lr=lr_now,
-                 tokens_per_s=tokens_seen / dt, images_per_s=images_seen / dt, time=dt))
-    done = step + 1 == max_steps
-    if (ckpt_interval and (step + 1) % ckpt_interval == 0) or done:
-        with ctrl_c_deferred():
-            save_checkpoint(step + 1)
-            last_good = step + 1
-    if (eval_interval and (step + 1) % eval_interval == 0) or (done and eval_n > 0):
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if device.startswith("cuda"):
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    else:
+        rank, world_size = 0, 1
+    master = rank == 0
+    if threads:
+        torch.set_num_threads(threads)
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    ptdtype = DTYPES[dtype]
+    autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+    scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
+    out = cli.writable_dir(out_dir, "out_dir") if master else Path(out_dir)
+    ckpt_file = out / "ckpt.pt"
+
+    # -----------------------------------------------------------------------------
+    # model, optimizer, schedule
+    torch.manual_seed(seed)
+    ckpt = None
+    if resume:
+        if not ckpt_file.exists():
+            raise SystemExit(f"error: --resume=True but there is no checkpoint at {ckpt_file}")
+        try:  # plain tensors and Python containers only (weights_only=True): never unpickle arbitrary objects
+            ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise SystemExit(f"error: cannot read checkpoint {ckpt_file}: {str(e).splitlines()[0]}")
+        model_overrides = ckpt["model_overrides"]  # the architecture comes from the checkpoint
+    try:
+        if init_from:  # a model folder (checkpoints.save / out_dir) to evaluate or to train further
+            model = checkpoints.build_model(ckpt=init_from)
+        elif preset == "official":
+            if not (clip_path and llm_path and sd_path):
+                raise SystemExit("error: preset 'official' needs --clip_path, --llm_path and --sd_path")
+            model = checkpoints.build_model(preset, clip=clip_path, llm=llm_path, sd=sd_path, dtype=ptdtype,
+                                            **model_overrides)
+        elif sd_path:  # the tiny world on its tiny SD: U-Net frozen, null condition from the encoding of ""
+            null = TextEncoder.from_pretrained(sd_path).encode([""])[0]
+            model = checkpoints.build_model(preset, sd=sd_path, null_cond=null,
+                                            **{"freeze_unet": True, **model_overrides})
+        else:
+            model = checkpoints.build_model(preset, **model_overrides)
+    except (KeyError, TypeError) as e:
+        raise SystemExit(f"error: bad model-config override: {e}")
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        flag = "--init_from" if init_from else "--sd_path" if sd_path else "--preset"
+        raise SystemExit(f"error: {flag}: {str(e).splitlines()[0]}")
+    skip_keys = checkpoints.official_keys(model)  # frozen official weights are not stored in checkpoints
+    if ckpt is not None:
+        state = ckpt["model"]
+        missing = set(model.state_dict()) - skip_keys - state.keys()
+        if missing or state.keys() - set(model.state_dict()):
+            raise SystemExit(f"error: {ckpt_file} does not match the model (missing {sorted(missing)[:5]})")
+        model.load_state_dict(state, strict=False)
+    model.to(device)
+    if grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    tok = model.tok
+    mcfg = model.cfg
+    # what a row and a document may hold against what the model can: its context and the images a token looks back at
+    if seq_len > model.llm.cfg.max_seq_len:
+        raise SystemExit(f"error: --seq_len={seq_len}: the model's context holds {model.llm.cfg.max_seq_len} positions")
+    if seq_len < mcfg.n_image_tokens + 3:
+        raise SystemExit(f"error: --seq_len={seq_len}: a row must hold <s>, one image ({mcfg.n_image_tokens + 1} "
+                         f"positions) and a token: at least {mcfg.n_image_tokens + 3}")
+    doc_images = data.MAX_IMAGES if data_files else world.MAX_DOC_IMAGES
+    if doc_images > mcfg.max_images:
+        raise SystemExit(f"error: documents may hold {doc_images} images; the model sees at most max_images="
+                         f"{mcfg.max_images} (--max_images=...)")
+
+    # lr=0 keeps the model's per-group learning rates; else lr sets the main one and the others keep their ratio
+    scale = lr / mcfg.lr if lr else 1.0
+    groups = model.param_groups(weight_decay, mcfg.lr * scale, mcfg.lr_unet * scale, mcfg.lr_offsets * scale)
+    optimizer = torch.optim.AdamW(groups, betas=(beta1, beta2), eps=eps, fused=device_type == "cuda")
+
+
+    def lr_factor(step):  # linear warmup, then cosine down to min_lr_ratio (or constant)
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        t = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    start_step = 0
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_step = ckpt["step"]
+        rng = ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0]
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(("MT19937", rng["numpy_key"].numpy().astype(np.uint32), *rng["numpy_rest"]))
+        random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+
+    raw_model = model  # what gets saved: never the compiled or DDP wrapper (no "_orig_mod." / "module." keys)
+    trainable = [p for p in raw_model.parameters() if p.requires_grad]
+    if compile:
+        model = torch.compile(model)
+    if ddp:
+        # FSDP would plug in here instead (torch.distributed.fsdp.fully_shard on each LLM block and the U-Net) when
+        # the trainable weights plus AdamW state do not fit one GPU; everything else in this file stays the same.
+        # the loss below takes every trainable parameter into every step, so no find_unused_parameters
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+    if master:
+        counts = raw_model.param_counts()
+        n_all, n_train = sum(a for a, _ in counts.values()), sum(b for _, b in counts.values())
+        print(f"model: {n_all / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trainable; "
+              f"global batch {batch_size * grad_accum * world_size} rows of {seq_len} tokens; world {world_size}")
+
+    # -----------------------------------------------------------------------------
+    # data: the synthetic world is a pure function of the micro-batch index; corpora are read in order (resume skips
+    # the micro-batches already seen in the current epoch). Bad data is counted per epoch and for the run (data.Stats).
+
+    def gather(obj):  # every rank's obj, in rank order (a collective: every rank calls it)
+        if not ddp:
+            return [obj]
+        objs = [None] * world_size
+        dist.all_gather_object(objs, obj)
+        return objs
+
+
+    def all_ranks(stats):  # one Stats with every rank's counts (the records it lists are this rank's)
+        out = data.Stats()
+        out.skipped = stats.skipped
+        for state in gather(stats.state()):
+            out.merge(state)
+        return out
+
+
+    stats = data.Stats()
+    if ckpt is not None and master and "skipped" in ckpt:
+        stats.merge(ckpt["skipped"])  # the counts of all ranks up to the checkpoint
+    if data_paths:
+        corpus = data.CorpusDataset(data_files, tok, mcfg.n_image_tokens, seq_len, image_size=mcfg.image_size,
+                                    seed=seed, rank=rank, world_size=world_size)
+    else:
+        synth = data.SyntheticDataset(tok, mcfg.n_image_tokens, seq_len, seed=seed, image_size=mcfg.image_size,
+                                      kinds=mix)
+    data_pos = dict(ckpt["data_pos"]) if ckpt is not None else dict(epoch=0, micro=0)
+
+
+    def corpus_batches():
+        """Endless micro-batches from the corpora, epoch after epoch; reports bad data at the end of each epoch, and
+        stops at the end of the first epoch that had no batch at all. Under DDP an epoch ends for all ranks as soon as
+        one rank runs out of rows."""
+        while True:
+            corpus.set_epoch(data_pos["epoch"])
+            loader = torch.utils.data.DataLoader(corpus, batch_size=batch_size, collate_fn=data.collate,
+                                                 num_workers=num_workers)
+            it = iter(loader)
+
+            def next_batch(count=True):  # the next batch with tokens, or None at the end of this rank's rows
+                for b in it:
+                    skipped = b.pop("skipped")
+                    if count:
+                        stats.add(skipped)
+                    if "tokens" in b:  # else a shard with nothing usable sent its skipped records alone
+                        return b
+                return None
+
+            for _ in range(data_pos["micro"]):  # skip what this epoch already trained on (counted in the checkpoint)
+                next_batch(count=False)
+            while True:
+                b = next_batch()
+                more = torch.tensor(float(b is not None))
+                if ddp:
+                    dist.all_reduce(more, op=dist.ReduceOp.MIN)
+                if not more:
+                    break
+                data_pos["micro"] += 1
+                yield b
+            counts = all_ranks(stats)
+            if data_pos["micro"] == 0:  # nothing to train on: stop, rather than start the next epoch forever
+                why = f"skipped {counts.summary(counts.epoch)}, kept none" if counts.epoch else "no document in them"
+                if world_size > 1:
+                    why += f" (for one of the {world_size} ranks: rank r reads lines r, r + {world_size}, ...)"
+                raise SystemExit(f"error: --data_paths: nothing usable in {', '.join(data_files)}: {why}"
+                                 if master else 1)
+            if master:
+                tqdm.write(f"epoch {data_pos['epoch']} done: {counts.report()}")
+                log(dict(epoch=data_pos["epoch"], skipped=sum(counts.epoch.values()),
+                         skipped_in_all=sum(counts.total.values()), skipped_kinds=dict(counts.epoch)))
+            stats.end_epoch()
+            data_pos["epoch"], data_pos["micro"] = data_pos["epoch"] + 1, 0
+
+
+    def synthetic_batches():
+        for b in synth.loader(batch_size, start_step * grad_accum, rank, world_size, num_workers):
+            stats.add(b.pop("skipped"))  # documents longer than seq_len
+            yield b
+
+
+    batches = corpus_batches() if data_paths else synthetic_batches()
+
+
+    def to_device(b):
+        return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
+
+
+    # -----------------------------------------------------------------------------
+    # evaluation on the held-out synthetic split, scored by world.score
+
+    @torch.no_grad()
+    def evaluate(m, n=eval_n, kinds=eval_kinds):
+        m.eval()
+        gen = torch.Generator(device).manual_seed(eval_seed)
+        opts = dict(temperature=0.0, steps=eval_steps, sampler=eval_sampler, guidance=eval_guidance, generator=gen)
+        metrics = {}
+        for kind in [k for k in kinds.split(",") if k]:
+            scores = []
+            for ex in world.eval_examples(kind, n, seed=eval_seed, size=mcfg.image_size):
+                if kind in ("i2t", "qa"):  # text answer; greedy
+                    items = generate(m, ex["prompt"], max_new_tokens=160 if kind == "i2t" else 20, max_images=0, **opts)
+                    pred = next((x for x in items if isinstance(x, str)), "")
+                else:  # the prompt ends where an image must come: start it at once
+                    pred = draw_image(m, ex["prompt"], **opts)
+                scores.append(world.score(ex, pred))
+            for key in scores[0]:
+                metrics[f"{kind}_{key}"] = sum(s[key] for s in scores) / len(scores)
+        m.train()
+        return metrics
+
+
+    # -----------------------------------------------------------------------------
+    # checkpoints: ckpt.pt (all that resuming needs) and the model for sample.py (model.safetensors + config.json) are
+    # all written into out/.saving, then renamed into place, ckpt.pt last: a crash never leaves a broken file, and the
+    # three come from the same step (a Ctrl-C waits for the save to end: ctrl_c_deferred below)
+
+    def save_checkpoint(step):
+        _, key, *rest = np.random.get_state()  # stored as tensors and numbers so that weights_only loading works
+        rng = dict(torch=torch.get_rng_state(), numpy_key=torch.from_numpy(key.astype(np.int64)), numpy_rest=list(rest),
+                   python=list(random.getstate()))
+        rngs, skipped = gather(rng), all_ranks(stats).state()
+        if not master:
+            return
+        state = {k: v for k, v in raw_model.state_dict().items() if k not in skip_keys}
+        obj = dict(model=state, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                   scaler=scaler.state_dict(), step=step, rng=rngs, data_pos=dict(data_pos), skipped=skipped,
+                   config=config, model_overrides=model_overrides, model_config=asdict(mcfg))
+        tmp = out / ".saving"
+        checkpoints.save(raw_model, tmp)
+        torch.save(obj, tmp / "ckpt.pt")
+        for name in ("model.safetensors", "config.json", "ckpt.pt"):
+            os.replace(tmp / name, out / name)
+        tmp.rmdir()
+
+
+    # -----------------------------------------------------------------------------
+    # training loop
+    log_file = open(out / "log.jsonl", "a") if master else None
+
+
+    def log(record):
         if master:
-            te = time.time()
-            metrics = evaluate(raw_model)
-            t0 += time.time() - te  # throughput counts training time only
-            log(dict(step=step + 1, eval=metrics, eval_time=time.time() - te))
-            tqdm.write(f"step {step + 1} eval: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+
+
+    def stop(why, status):
+        """End the run with one line: why, and where the last good checkpoint is."""
+        msg = f"{why}; stopping. " + (f"The last good checkpoint is {ckpt_file} (step {last_good})."
+                                      if last_good is not None else "No checkpoint was written yet.")
+        if master:
+            log(dict(step=step, error=msg))
+            pbar.close()
+            print(msg, file=sys.stderr)
+        sys.exit(status)
+
+
+    @contextmanager
+    def ctrl_c_deferred():
+        """A Ctrl-C during the block takes effect when the block ends: a checkpoint is never left half written."""
+        got = []
+        handler = signal.signal(signal.SIGINT, lambda *_: got.append(True))
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, handler)
+        if got:
+            handler(signal.SIGINT, None)
+
+
+    if eval_only:  # score the model (--init_from) on the held-out scenes and print one JSON line
+        if master:
+            print(json.dumps({k: round(v, 4) for k, v in evaluate(raw_model).items()}))
+        sys.exit(0)
+    last_good = start_step if ckpt is not None else None
+    model.train()
+    if start_step < max_steps:  # the first micro-batch before the progress bar: a corpus with nothing usable stops here
+        try:
+            batches = itertools.chain([next(batches)], batches)
+        except ValueError as e:  # e.g. a seq_len too short for any synthetic document
+            raise SystemExit(f"error: --seq_len={seq_len}: {e}")
+    pbar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, disable=not master,
+                dynamic_ncols=True)
+    step = start_step
+    signal.signal(signal.SIGINT, lambda *_: stop("interrupted (Ctrl-C)", 130))  # one line, no traceback
+    t0, tokens_seen, images_seen = time.time(), 0, 0
+    for step in pbar:
+        sums = torch.zeros(5, dtype=torch.float64)  # loss, text loss, image loss, tokens, images (this rank)
+        for micro in range(grad_accum):
+            batch = to_device(next(batches))
+            g = (step * grad_accum + micro) * world_size + rank
+            torch.manual_seed(seed * 1_000_003 + g)  # the micro-batch's own randomness, whichever process runs it
+            sync = micro == grad_accum - 1
+            with (nullcontext() if sync or not ddp else model.no_sync()), autocast:
+                out_ = model(batch)
+                # + exactly zero from every trainable parameter: a batch without images (or whose images have no
+                # context) leaves some unused, and DDP then needs no find_unused_parameters
+                loss = (out_["loss"] + 0.0 * sum(p.reshape(-1)[0] for p in trainable)) / grad_accum
+            scaler.scale(loss).backward()
+            sums += torch.tensor([out_["loss"].item(), out_["text_loss"].item(), out_["image_loss"].item(),
+                                  int((batch["tokens"] != tok.pad_id).sum()), out_["n_images"]], dtype=torch.float64)
         if ddp:
-            dist.barrier()
-pbar.close()
-counts = all_ranks(stats)
-if master:
-    log(dict(step=max_steps, skipped_in_all=sum(counts.total.values()), skipped_kinds=dict(counts.total)))
-    print(f"done: {max_steps} steps, {time.time() - t0:.0f} s of training; data: skipped "
-          f"{counts.summary(counts.total)} in all")
-    print(f"checkpoint: {ckpt_file}; model for sample.py: {out}/model.safetensors")
-if ddp:
-    dist.destroy_process_group()
+            dist.all_reduce(sums)
+        n_micro = grad_accum * world_size
+        loss_v, text_v, image_v = (sums[:3] / n_micro).tolist()
+        if not math.isfinite(loss_v):
+            if ddp:
+                dist.destroy_process_group()
+            stop(f"step {step}: loss is {loss_v}", 2)
+        if grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        lr_now = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        tokens_seen, images_seen = tokens_seen + int(sums[3]), images_seen + int(sums[4])
+        dt = time.time() - t0
+        pbar.set_postfix_str(f"loss {loss_v:.3f} text {text_v:.3f} img {image_v:.4f} {tokens_seen / dt:.0f} tok/s")
+        if (step + 1) % log_interval == 0 or step + 1 == max_steps or step == start_step:
+            log(dict(step=step + 1, loss=loss_v, text_loss=text_v, image_loss=image_v, lr=lr_now,
+                     tokens_per_s=tokens_seen / dt, images_per_s=images_seen / dt, time=dt))
+        done = step + 1 == max_steps
+        if (ckpt_interval and (step + 1) % ckpt_interval == 0) or done:
+            with ctrl_c_deferred():
+                save_checkpoint(step + 1)
+                last_good = step + 1
+        if (eval_interval and (step + 1) % eval_interval == 0) or (done and eval_n > 0):
+            if master:
+                te = time.time()
+                metrics = evaluate(raw_model)
+                t0 += time.time() - te  # throughput counts training time only
+                log(dict(step=step + 1, eval=metrics, eval_time=time.time() - te))
+                tqdm.write(f"step {step + 1} eval: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+            if ddp:
+                dist.barrier()
+    pbar.close()
+    counts = all_ranks(stats)
+    if master:
+        log(dict(step=max_steps, skipped_in_all=sum(counts.total.values()), skipped_kinds=dict(counts.total)))
+        print(f"done: {max_steps} steps, {time.time() - t0:.0f} s of training; data: skipped "
+              f"{counts.summary(counts.total)} in all")
+        print(f"checkpoint: {ckpt_file}; model for sample.py: {out}/model.safetensors")
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

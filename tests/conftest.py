@@ -15,3 +15,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def error_line(capsys):
+    """error_line(main, args) -> the one line a user sees when a script's main(args) stops on bad input: it must
+    exit non-zero with exactly one line "error: ..." (printed, or the message of SystemExit, which Python prints
+    at exit) and no traceback."""
+    def run(main, args):
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        shown = capsys.readouterr().err.strip().splitlines()
+        if isinstance(e.value.code, str):
+            shown += e.value.code.splitlines()
+        assert e.value.code not in (0, None) and len(shown) == 1 and shown[0].startswith("error: "), shown
+        return shown[0]
+    return run

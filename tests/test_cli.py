@@ -1,29 +1,18 @@
 """Every input a user gives is checked before work starts, with one line naming it and its limit: numeric flags
 against their ranges (cli.py, and each script's RANGES covers every numeric flag), the model's limits (context,
 images per document) against what a prompt or a corpus asks, and the folders a run writes to."""
-import ast
 import inspect
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import cli
+import sample
 import tiny_sd
+import train
 
 ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def one_line_error(script, args, cwd):
-    p = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=ENV, capture_output=True, text=True,
-                       timeout=300)
-    lines = p.stderr.strip().splitlines()
-    assert p.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: "), (args, p.stderr[-2000:])
-    return lines[0]
 
 
 @pytest.mark.parametrize("x, rule, ok", [
@@ -66,23 +55,13 @@ def test_output_folder_must_be_creatable(tmp_path):
         cli.writable_dir(tmp_path / "file" / "sub", "out_dir")
 
 
-def numeric_argparse_flags(path):
-    """The --flags of an argparse script declared with type=int or type=float, and its RANGES dict, read by ast."""
-    tree = ast.parse(path.read_text())
-    flags = {node.args[0].value[2:] for node in ast.walk(tree)
-             if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument"
-             and any(k.arg == "type" and getattr(k.value, "id", "") in ("int", "float") for k in node.keywords)}
-    ranges = next(ast.literal_eval(n.value) for n in tree.body
-                  if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "RANGES")
-    return flags, ranges
-
-
 def test_every_numeric_flag_has_a_range():
-    flags, ranges = numeric_argparse_flags(ROOT / "sample.py")
-    assert flags and flags == ranges.keys()
+    numeric = {a.dest for a in sample.p._actions if a.type in (int, float)}
+    assert numeric and numeric == sample.RANGES.keys()
     numeric = {k for k, v in inspect.signature(tiny_sd.train).parameters.items() if type(v.default) in (int, float)}
     assert numeric and numeric == tiny_sd.RANGES.keys()
-    # train.py asserts at start-up that every numeric knob is in its RANGES (any run of it checks that)
+    numeric = {k for k in train.knob_names if type(train.DEFAULTS[k]) in (int, float)}
+    assert numeric and numeric == train.RANGES.keys()
 
 
 @pytest.mark.parametrize("args, words", [
@@ -96,35 +75,36 @@ def test_tiny_sd_flags(args, words, tmp_path):
     assert str(e.value).startswith(f"error: {words}")
 
 
-def test_every_output_folder_is_checked_first(tmp_path):
+def test_every_output_folder_is_checked_first(tmp_path, error_line):
     (tmp_path / "file").write_text("")
     bad = tmp_path / "file" / "out"
-    with pytest.raises(SystemExit, match="cannot write there"):
-        tiny_sd.main([f"--out_dir={bad}"])
-    words = f"--out_dir={bad}: cannot write there (Not a directory)"
-    assert one_line_error("train.py", [f"--out_dir={bad}", "--max_steps=1"], tmp_path) == f"error: {words}"
-    assert one_line_error("sample.py", ["--ckpt=random", f"--out_dir={bad}"], tmp_path) == f"error: {words}"
+    words = f"error: --out_dir={bad}: cannot write there (Not a directory)"
+    assert error_line(tiny_sd.main, [f"--out_dir={bad}"]) == words
+    assert error_line(train.main, [f"--out_dir={bad}", "--max_steps=1"]) == words
+    assert error_line(sample.main, ["--ckpt=random", f"--out_dir={bad}"]) == words
 
 
-def test_train_flags_choices_and_limits(tmp_path):
+@pytest.mark.parametrize("args, words", [
+    (["--beta1=1"], "--beta1=1.0: must be in [0, 1)"), (["--grad_accum=0"], "--grad_accum=0: must be >= 1"),
+    (["--eval_guidance=nan"], "--eval_guidance=nan: must be >= 0"),
+    (["--schedule=linear"], "--schedule=linear is not one of cosine, constant"),
+    (["--eval_kinds=i2t,poems"], "--eval_kinds=i2t,poems: each must be one of"),
+    (["--kinds=t2i:-1"], "--kinds expects kind:weight pairs"),
+    (["--seq_len=4096"], "--seq_len=4096: the model's context holds 512 positions"),
+    (["--seq_len=12"], "--seq_len=12: a row must hold <s>, one image (17 positions)"),
+    (["--max_images=2"], "documents may hold 3 images; the model sees at most max_images=2"),
+])
+def test_train_flags_choices_and_limits(tmp_path, error_line, args, words):
     small = [f"--out_dir={tmp_path / 'o'}", "--max_steps=1", "--eval_n=0", "--sd_path="]
-    for args, words in [(["--beta1=1"], "--beta1=1.0: must be in [0, 1)"), (["--grad_accum=0"], "--grad_accum=0: must be >= 1"),
-                        (["--eval_guidance=nan"], "--eval_guidance=nan: must be >= 0"),
-                        (["--schedule=linear"], "--schedule=linear is not one of cosine, constant"),
-                        (["--eval_kinds=i2t,poems"], "--eval_kinds=i2t,poems: each must be one of"),
-                        (["--kinds=t2i:-1"], "--kinds expects kind:weight pairs"),
-                        (["--seq_len=4096"], "--seq_len=4096: the model's context holds 512 positions"),
-                        (["--seq_len=12"], "--seq_len=12: a row must hold <s>, one image (17 positions)"),
-                        (["--max_images=2"], "documents may hold 3 images; the model sees at most max_images=2")]:
-        assert one_line_error("train.py", small + args, tmp_path).startswith(f"error: {words}"), args
+    assert error_line(train.main, small + args).startswith(f"error: {words}")
 
 
-def test_prompts_beyond_the_models_limits(tmp_path):
+def test_prompts_beyond_the_models_limits(tmp_path, error_line):
     long_text = "a red circle in the centre. " * 100
-    line = one_line_error("sample.py", ["--ckpt=random", f"--out_dir={tmp_path}", f"--prompt={long_text}"], ROOT)
+    line = error_line(sample.main, ["--ckpt=random", f"--out_dir={tmp_path}", f"--prompt={long_text}"])
     assert "needs 702 positions" in line and "the model's context holds 512" in line
-    images = "<img:assets/story_1.png> " * 8 + "<img>"  # 8 given + 1 to draw
-    line = one_line_error("sample.py", ["--ckpt=random", f"--out_dir={tmp_path}", f"--prompt={images}"], ROOT)
+    images = f"<img:{ROOT / 'assets' / 'story_1.png'}> " * 8 + "<img>"  # 8 given + 1 to draw
+    line = error_line(sample.main, ["--ckpt=random", f"--out_dir={tmp_path}", f"--prompt={images}"])
     assert line == "error: prompt [prompt] has 9 images; the model sees at most 8 per document"
 
 
