@@ -25,11 +25,12 @@ import html
 import json
 import re
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 import cli
 from data import tokenize_document
@@ -73,6 +74,40 @@ p.add_argument("--device", default="cpu")
 p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
 p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default); tiny models run "
                "fastest on 1 (more threads cost more in synchronisation than they gain)")
+def contact_sheet(rows, size=128, pad=8, frame=3):
+    """rows: [(title, [(item, generated)])] -> one RGB picture of the whole run: per prompt its title, its pictures in
+    order at `size` px (grey frame: given, green: drawn by the model), then its text (the model's in green). Pillow's
+    built-in bitmap font: the same pixels on every machine, so the shipped demo's sheet can be pinned."""
+    bitmap = getattr(ImageFont, "load_default_imagefont", ImageFont.load_default)  # Pillow >= 10.1 has both
+    font = bitmap()
+    grey, green, line = (170, 170, 170), (34, 150, 90), 14
+    cell = size + 2 * frame + pad
+    width = pad + cell * max(5, *(sum(not isinstance(x, str) for x, _ in shown) for _, shown in rows))
+    wrap = (width - 2 * pad) // 6  # the bitmap font is 6 px wide
+
+    def text_lines(shown):
+        return [(chunk, g) for x, g in shown if isinstance(x, str) for chunk in textwrap.wrap(x, wrap)]
+    height = pad + sum(line + cell + line * len(text_lines(shown)) + pad for _, shown in rows)
+    sheet = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(sheet)
+    y = pad
+    for title, shown in rows:
+        draw.text((pad, y), title, fill="black", font=font)
+        y, x = y + line, pad
+        for item, generated in shown:
+            if not isinstance(item, str):
+                edge = size + 2 * frame - 1
+                draw.rectangle([x, y, x + edge, y + edge], fill=green if generated else grey)
+                sheet.paste(item.resize((size, size), Image.NEAREST), (x + frame, y + frame))
+                x += cell
+        y += cell
+        for chunk, generated in text_lines(shown):
+            draw.text((pad, y), chunk, fill=green if generated else "black", font=font)
+            y += line
+        y += pad
+    return sheet
+
+
 RANGES = {"seed": ">= 0", "max_new_tokens": ">= 1", "max_images": ">= 0", "temperature": ">= 0", "top_p": "(0, 1]",
           "repetition_penalty": "> 0", "steps": ">= 1", "guidance": ">= 0", "threads": ">= 0"}  # cli.check_ranges
 
@@ -81,7 +116,6 @@ def main(argv):
     """The demo on a command line as a list ("--flag=value", ...); importable, so tests call it in-process."""
     p.error = lambda message: fail(f"{message} (python sample.py --help lists the flags)")  # one line, not the usage
     args = p.parse_args(argv)
-
 
     cli.check_ranges(vars(args), RANGES)  # one line "error: --flag=value: must be ...", exit status 1 (as fail)
     if args.threads:
@@ -93,14 +127,11 @@ def main(argv):
     if device.type == "cuda" and not torch.cuda.is_available():
         fail(f"--device={args.device} but CUDA is not available")
 
-
     out = cli.writable_dir(args.out_dir, "out_dir")
-
 
     # -----------------------------------------------------------------------------
     # the prompts: [(title, items, draw_first)], items = str or PIL images
     IMG = re.compile(r"<img(?::([^>]*))?>")
-
 
     def parse_prompt(text, root, title):
         """-> (title, segments): each segment a list of items (str / PIL image) and whether the model then draws
@@ -130,7 +161,6 @@ def main(argv):
         if not any(items for items, _ in segments):
             fail("empty prompt")
         return title, segments
-
 
     if args.prompt is not None and not args.prompt.strip():
         fail("--prompt is empty (leave it out to run the demo prompts of --prompt_file)")
@@ -189,15 +219,12 @@ def main(argv):
             old.unlink()
     gen = torch.Generator(args.device).manual_seed(args.seed)
 
-
-    def save_png(img, name):
+    def as_pil(img):
         if torch.is_tensor(img):
             img = Image.fromarray((img.float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy())
-        img.save(out / name)
-        return name
+        return img
 
-
-    sections, n_tokens, n_images, text_time, img_time = [], 0, 0, 0.0, 0.0
+    sections, rows, n_tokens, n_images, text_time, img_time = [], [], 0, 0, 0.0, 0.0
     def run(context, draw, last):
         """Continue `context` (drawing first if `draw`). Not the last segment: only the picture (the prompt's own text
         follows it)."""
@@ -211,7 +238,6 @@ def main(argv):
                           begin_image=draw, generator=gen, timings=timings, stop_at=args.stop_at, **sampling)
         return result, timings.get("image_s", 0.0)
 
-
     for i, (title, segments) in enumerate(prompts):
         shown, context, t, image_s = [], [], time.time(), 0.0  # shown: (item, generated)
         for k, (items, draw) in enumerate(segments):
@@ -224,13 +250,15 @@ def main(argv):
         generated = [x for x, g in shown if g]
         n_tokens += sum(len(tok.encode(x, bos=False)) for x in generated if isinstance(x, str))
         n_images += sum(1 for x in generated if not isinstance(x, str))
-        parts = []
+        parts, shown = [], [(x if isinstance(x, str) else as_pil(x), g) for x, g in shown]
         for j, (x, is_gen) in enumerate(shown):
             if isinstance(x, str):
                 parts.append(f'<span class="{"gen" if is_gen else "prompt"}">{html.escape(x)}</span>')
             else:
-                name = save_png(x, f"p{i + 1}_{j + 1}{'_gen' if is_gen else ''}.png")
+                name = f"p{i + 1}_{j + 1}{'_gen' if is_gen else ''}.png"
+                x.save(out / name)
                 parts.append(f'<img class="{"gen" if is_gen else "prompt"}" src="{name}" alt="{name}">')
+        rows.append((title, shown))
         sections.append(f"<h2>{html.escape(title)}</h2>\n<p>{' '.join(parts)}</p>")
         print(f"[{title}] -> " + " | ".join(x if isinstance(x, str) else "[image]" for x in generated))
 
@@ -249,7 +277,8 @@ def main(argv):
     """)
     print(f"text: {n_tokens} tokens at {n_tokens / max(text_time, 1e-9):.1f} tokens/s; "
           f"images: {n_images}" + (f" at {img_time / n_images:.2f} s per image" if n_images else ""))
-    print(f"wrote {page} and {n_images} generated images in {out}/")
+    contact_sheet(rows).save(out / "sheet.png")
+    print(f"wrote {page}, {out / 'sheet.png'} and {n_images} generated images in {out}/")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The shipped checkpoint's demo is pinned: `python sample.py` with its defaults (seed 0, greedy text, DDIM 25,
-guidance 2) prints exactly the stored text and draws exactly the stored pixels. A refactor must keep both; a
-deliberate change of behaviour regenerates tests/fixtures/demo/ (and says so in its commit)."""
+guidance 2) prints exactly the stored text and draws exactly the stored pixels, and its contact sheet is the README's
+picture (assets/demo_sheet.png). A refactor must keep all three; a deliberate change of behaviour regenerates
+tests/fixtures/demo/ and the sheet (and says so in its commit)."""
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "demo"
+SHEET = ROOT / "assets" / "demo_sheet.png"
 
 
 def test_shipped_demo_is_unchanged(tmp_path):
@@ -22,6 +24,7 @@ def test_shipped_demo_is_unchanged(tmp_path):
     assert lines == (FIXTURE / "text.txt").read_text().splitlines()
     expected = sorted(f.name for f in FIXTURE.glob("*_gen.png"))
     assert sorted(f.name for f in tmp_path.glob("*_gen.png")) == expected
-    for name in expected:
-        got, want = (np.asarray(Image.open(d / name).convert("RGB")) for d in (tmp_path, FIXTURE))
-        assert np.array_equal(got, want), f"{name}: {(got != want).any(-1).sum()} pixels differ"
+    pairs = [(tmp_path / name, FIXTURE / name) for name in expected] + [(tmp_path / "sheet.png", SHEET)]
+    for ours, stored in pairs:
+        got, want = (np.asarray(Image.open(f).convert("RGB")) for f in (ours, stored))
+        assert got.shape == want.shape and np.array_equal(got, want), f"{ours.name}: pixels differ from {stored}"
