@@ -2,8 +2,8 @@
 Train MM-Interleaved: the tiny model on the synthetic world (default), or the official one on real corpora.
 
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 train.py   # tiny preset, synthetic world, on the
-        # tiny Stable Diffusion assets/tiny-sd (tiny_sd.py): the shipped assets/tiny (seed 0, ~32 minutes on 2 CPU
-        # cores; 2 processes of 1 thread beat 1 process of 2). The whole recipe from nothing: assets/make_tiny.sh
+        # tiny Stable Diffusion assets/tiny-sd (tiny_sd.py): the shipped assets/tiny (seed 0; 2 processes of 1 thread
+        # beat 1 process of 2). The whole recipe from nothing, and its times: assets/make_tiny.sh, README.md
     python train.py --grad_accum=2                    # the same run in one process (same global batch), ~1.6x slower
     python train.py --sd_path= --kinds=i2t:0.7,qa:0.1,t2i:0.1,story:0.1 --max_steps=1550   # all from scratch
     python train.py --max_steps=50 --eval_interval=25 --out_dir=out-try     # a short try
@@ -69,7 +69,7 @@ batch_size = 4             # rows per micro-batch per process
 grad_accum = 1             # micro-batches per step per process; global batch = batch_size * grad_accum * world_size
 num_workers = 0
 # optimisation: AdamW on model.param_groups (per-group lr from the model config, scaled by the schedule)
-max_steps = 2400           # tiny: ~32 minutes on 2 CPU cores (2 processes x 1 thread)
+max_steps = 2400           # tiny (the recipe's time: README.md, "Training")
 lr = 0.0                   # 0: the model config's lr / lr_unet / lr_offsets; else one lr scales all three alike
 weight_decay = 0.01
 beta1, beta2, eps = 0.9, 0.99, 1e-8

@@ -1,9 +1,7 @@
 #!/usr/bin/env bash
-# The shipped tiny assets from nothing, on a 2-core CPU (issue 16's recipe; times on a busy 2-core machine):
-#   1. assets/tiny-sd: a tiny Stable Diffusion (text-to-image U-Net + frozen stand-in text encoder): 7.8 min of
-#      training + 2 min of held-out evaluation
-#   2. assets/tiny: MM-Interleaved built on it as the paper builds on SD 2.1 (U-Net frozen): 31 min of training
-#      + 2 min of held-out evaluation (2 processes of 1 thread)
+# The shipped tiny assets from nothing, on a 2-core CPU (the times of each stage: README.md, "Training"):
+#   1. assets/tiny-sd: a tiny Stable Diffusion (text-to-image U-Net + frozen stand-in text encoder)
+#   2. assets/tiny: MM-Interleaved built on it as the paper builds on SD 2.1 (U-Net frozen; 2 processes of 1 thread)
 # Each stage keeps its log (log.jsonl) beside its weights. assets/world.model, the tokenizer, is built by
 # assets/make_world_tokenizer.py (needs sentencepiece, a test-only dependency) and is not rebuilt here.
 set -euo pipefail
