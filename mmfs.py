@@ -93,14 +93,14 @@ def _sample_levels(value, starts, H, W, levels, grid, weights):
 
 
 def deform_attn_cpu(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    """deform_attn_reference (same arguments, same result to float rounding), faster on CPUs: at the tiny model's
-    shapes forward 1.3-2x, forward+backward 1.04-1.4x (bench/bench_mmfs.py --case=tiny). Two layout changes:
+    """deform_attn_reference (same arguments, same result to float rounding), faster on CPUs at the tiny model's
+    shapes (measured by bench/bench_mmfs.py --case=tiny; figures in bench/README.md). Two layout changes:
       - the points go in grid_sample's row axis and the queries in its column axis: grid [B*M*k, P, Q, 2], samples
         [B*M*k, D, P, Q]. grid_sample's CPU kernels vectorise along an output row, which is then Q long instead of
         P (2-8) long, and the weighting and the sum over points run along contiguous Q, not a short last axis.
       - levels are taken with split (one concatenation in backward) instead of per-level slices or indexing,
         each of which autograd answers with a zero-filled gradient of the whole input.
-    (A dense form, per level the matrix of bilinear weights [Q, H*W] times the values, is exact too, but was 2-12x
+    (A dense form, per level the matrix of bilinear weights [Q, H*W] times the values, is exact too, but was
     slower on the tiny model's maps, down to 2x2: building the weights costs more than grid_sample.)"""
     B, S, M, D = value.shape
     _, Q, _, L, P, _ = sampling_locations.shape
@@ -381,7 +381,7 @@ class MMFS(nn.Module):
         *lead, N, _ = logits.shape
         M, L, P = self.n_heads, self.n_levels, self.n_points
         # The softmax axis goes first, (N*L*P, *lead, M), and the result comes back as a view: torch's CPU softmax
-        # over a short last axis (9 entries in the tiny U-Net) is ~10x slower than over a first axis, where it is
+        # over a short last axis (9 entries in the tiny U-Net) is much slower than over a first axis, where it is
         # vectorised along the many (token, head) behind it. Same values (the sum's order may differ by an ulp).
         logits = logits.unflatten(-1, (M, L * P)).movedim((-3, -1), (0, 1)).reshape(N * L * P, *lead, M)
         if self.null_slot:

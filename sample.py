@@ -1,7 +1,7 @@
 """
 Generate interleaved text and images with MM-Interleaved; writes the images (PNG) and one HTML page.
 
-    python sample.py                                   # the shipped tiny model on assets/demo.txt (CPU, ~5 s)
+    python sample.py                                   # the shipped tiny model on assets/demo.txt (CPU)
     python sample.py --prompt="<img:assets/scene_question.png> question: what colour is in the centre? answer:"
     python sample.py --prompt="a red circle in the top left and a blue square in the centre. <img>"
     python sample.py --ckpt=out --prompt_file=my_prompts.txt   # a model folder written by train.py

@@ -323,14 +323,8 @@ class UNet(nn.Module):
                 x = block.upsamplers[0](x, size=skips[-1].shape[-2:])
         return self.conv_out(F.silu(self.conv_norm_out(x)))
 
-    def forward(self, x, t, context, down_residuals=None, mid_residual=None):
-        skips, mid, emb = self.down(x, t, context)
-        if down_residuals is not None:  # MMFS / ControlNet taps
-            assert len(down_residuals) == len(skips), f"expected {len(skips)} down residuals"
-            skips = [s + r for s, r in zip(skips, down_residuals)]
-        if mid_residual is not None:
-            mid = mid + mid_residual
-        return self.up(skips, mid, emb, context)
+    def forward(self, x, t, context):  # taps (MMFS, ControlNet) add to the skips between down() and up()
+        return self.up(*self.down(x, t, context), context)
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, config: UNetConfig | None = None):

@@ -20,10 +20,7 @@ import mmfs_kernel
 if shutil.which("g++") is None:
     pytest.skip("g++ is not installed: the CPU emulation of the kernel cannot be built", allow_module_level=True)
 
-try:
-    from mmfs import deform_attn_reference  # the repository's reference, when it has landed
-except ImportError:
-    deform_attn_reference = None
+from mmfs import deform_attn_reference
 
 
 # ------------------------------------------------------------------------------------------- references and cases
@@ -52,7 +49,7 @@ def loop_reference(value, shapes, starts, loc, attn):
 
 
 def grid_sample_reference(value, shapes, starts, loc, attn):
-    """One grid_sample per level; used when mmfs.deform_attn_reference is not there."""
+    """One grid_sample per level: a second, independent reference (checked against mmfs's below)."""
     B, S, M, D = value.shape
     _, Q, _, L, P, _ = loc.shape
     out = 0
@@ -65,7 +62,7 @@ def grid_sample_reference(value, shapes, starts, loc, attn):
     return out.view(B, M, D, Q).permute(0, 3, 1, 2).reshape(B, Q, M * D)
 
 
-reference = deform_attn_reference or grid_sample_reference
+reference = deform_attn_reference
 
 
 def make_case(level_shapes, B=2, M=3, D=5, Q=7, P=3, dtype=torch.float64, lo=-0.15, hi=1.15, seed=0):
@@ -127,7 +124,6 @@ def test_forward_backward_fp32():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.skipif(deform_attn_reference is None, reason="mmfs.deform_attn_reference has not landed")
 def test_local_grid_sample_reference_agrees_with_mmfs():
     args = make_case(CASES["two_images_three_levels"])
     torch.testing.assert_close(grid_sample_reference(*args), deform_attn_reference(*args), rtol=0, atol=1e-12)

@@ -4,13 +4,13 @@ import json
 
 import pytest
 import torch
+import transformers  # the reference (requirements-test.txt)
 from safetensors.torch import save_file
 from torch import nn
 
 from llm import LLaMA, LLaMAConfig, generate, sample_next
 from weights import CheckpointError
 
-transformers = pytest.importorskip("transformers")
 
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=56, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=64)

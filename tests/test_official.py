@@ -24,9 +24,6 @@ FIXTURE = Path(os.environ.get("MMI_OFFICIAL_FIXTURE", Path(__file__).parent / "f
 TOL = 1e-5
 COMPARED = {}  # key -> relative max error, reported at the end of the module
 
-pytestmark = pytest.mark.skipif(not (FIXTURE / "fixture.json").is_file(), reason=f"no fixture at {FIXTURE}")
-
-
 @pytest.fixture(scope="module", autouse=True)
 def report(request):
     yield

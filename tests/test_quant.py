@@ -166,7 +166,6 @@ def test_mmfs_and_trainable_parameters_untouched():
     assert all(p.grad is None for n, p in model.llm.named_parameters() if n.endswith(("weight_int8", "scales")))
 
 
-@pytest.mark.skipif(not (FIXTURE / "fixture.json").is_file(), reason="no official fixture")
 def test_official_fixture_text_logits():
     meta = json.loads((FIXTURE / "fixture.json").read_text())
     mc = meta["model_config"]

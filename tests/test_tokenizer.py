@@ -46,7 +46,7 @@ def tok_py():
 
 @pytest.fixture(scope="module")
 def sp():
-    spm = pytest.importorskip("sentencepiece")
+    import sentencepiece as spm
     return spm.SentencePieceProcessor(model_file=str(MODEL))
 
 
@@ -169,7 +169,7 @@ def make_model(normal_pieces):
 @pytest.mark.parametrize("flags,engine", [(dict(add_dummy_prefix=False), "tiktoken"),
                                           (dict(remove_extra_whitespaces=True), "python")])  # python: builds faster
 def test_normalizer_flags_match_sentencepiece(flags, engine, tmp_path):
-    spm = pytest.importorskip("sentencepiece")
+    import sentencepiece as spm
     path = tmp_path / "tokenizer.model"
     path.write_bytes(set_normalizer(MODEL.read_bytes(), **flags))
     sp, t = spm.SentencePieceProcessor(model_file=str(path)), T.Tokenizer(path, engine=engine)
@@ -221,7 +221,7 @@ CHARS = [("\u2581", -100), ("a", -101), ("b", -102), ("c", -103), ("d", -104), (
 @pytest.mark.parametrize("case", ["unreachable", "space_inside", "tied_scores"])
 def test_small_models_match_sentencepiece(case, tmp_path):
     """Models that break what the tiktoken route relies on: it must drop the piece or fall back, staying exact."""
-    spm = pytest.importorskip("sentencepiece")
+    import sentencepiece as spm
     normal = {
         # "bc" merges first in "▁abcd", so "▁abcd" (= "▁ab" + "cd" only) is never reached; tiktoken would return it
         # for the chunk "▁abcd" without running the BPE
@@ -248,7 +248,7 @@ def test_world_tokenizer_of_the_tiny_model():
     """assets/world.model (the tiny preset's tokenizer): the same ids as sentencepiece on world texts and others,
     every word of the synthetic world is one piece, and decode inverts encode."""
     import sys
-    spm = pytest.importorskip("sentencepiece")
+    import sentencepiece as spm
     assets = Path(__file__).parent.parent / "assets"
     sys.path.insert(0, str(assets))
     from make_world_tokenizer import world_texts

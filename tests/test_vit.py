@@ -6,13 +6,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import transformers  # the reference (requirements-test.txt)
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import vit
 from weights import CheckpointError
 
-transformers = pytest.importorskip("transformers")
 
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=4,
               image_size=16, layer_norm_eps=1e-5)
