@@ -180,6 +180,16 @@ _UNET_FIXED = dict(act_fn="silu", center_input_sample=False, class_embed_type=No
                    attention_type="default", downsample_padding=1, mid_block_scale_factor=1)
 
 
+def config_from_dict(cls, d, fixed, what, source):
+    """A diffusers config.json dict -> the dataclass cls (lists as tuples, keys it does not know ignored), after
+    checking the options mmi implements one way only (fixed: {option: the only supported value})."""
+    for k, ok in fixed.items():
+        if k in d and d[k] != ok:
+            raise CheckpointError(f"{source}: unsupported {what} option {k}={d[k]!r} (only {ok!r})")
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
+
+
 @dataclass
 class UNetConfig:
     """Field names and meanings of diffusers' unet/config.json; defaults are SD 2.1-base."""
@@ -203,15 +213,10 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source="config"):
-        for k, ok in _UNET_FIXED.items():
-            if k in d and d[k] != ok:
-                raise CheckpointError(f"{source}: unsupported U-Net option {k}={d[k]!r} (only {ok!r})")
         for kind in [*d.get("down_block_types", ()), *d.get("up_block_types", ())]:
             if kind not in ("CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"):
                 raise CheckpointError(f"{source}: unsupported U-Net block type {kind!r}")
-        names = {f.name for f in fields(cls)}
-        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
-        return cls(**kw)
+        return config_from_dict(cls, d, _UNET_FIXED, "U-Net", source)
 
     def per_level(self, value):
         n = len(self.block_out_channels)
@@ -366,12 +371,9 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source="config"):
-        for k, ok in dict(act_fn="silu", shift_factor=None, use_quant_conv=True, use_post_quant_conv=True,
-                          mid_block_add_attention=True).items():
-            if k in d and d[k] != ok:
-                raise CheckpointError(f"{source}: unsupported autoencoder option {k}={d[k]!r} (only {ok!r})")
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
+        fixed = dict(act_fn="silu", shift_factor=None, use_quant_conv=True, use_post_quant_conv=True,
+                     mid_block_add_attention=True)
+        return config_from_dict(cls, d, fixed, "autoencoder", source)
 
 
 def _vae_mid(c, G):
