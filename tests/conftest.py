@@ -1,5 +1,8 @@
+import json
 import os
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -31,3 +34,26 @@ def error_line(capsys):
         assert e.value.code not in (0, None) and len(shown) == 1 and shown[0].startswith("error: "), shown
         return shown[0]
     return run
+
+
+OFFICIAL_FIXTURE = Path(os.environ.get("MMI_OFFICIAL_FIXTURE", Path(__file__).parent / "fixtures" / "official-mmi"))
+
+
+@pytest.fixture(scope="session")
+def build_official():
+    """build_official() -> (a fresh fp32 eval-mode model from the authors' tiny released checkpoint and its component
+    folders in tests/fixtures/official-mmi, fixture.json's metadata). Its LLM folder has no tokenizer.model: the
+    model only needs the special ids, set from the metadata."""
+    def build():
+        from checkpoints import build_model
+        meta = json.loads((OFFICIAL_FIXTURE / "fixture.json").read_text())
+        mc = meta["model_config"]
+        folders = dict(clip=mc["visual_tokenizer_config"]["encoder_model_path"], llm=mc["llm_model_path"],
+                       sd=mc["image_decoder_config"]["pretrained_model_name_or_path"])
+        m = build_model(released=OFFICIAL_FIXTURE / "mm_interleaved_pretrain", released_config=mc,
+                        dtype=torch.float32, **{k: OFFICIAL_FIXTURE / v for k, v in folders.items()}).eval()
+        ids = meta["token_ids"]
+        m.tok = SimpleNamespace(bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"], boi_id=ids["boi"],
+                                image_id=ids["image"])
+        return m, meta
+    return build

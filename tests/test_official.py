@@ -10,7 +10,6 @@ import json
 import os
 from pathlib import Path
 
-from types import SimpleNamespace
 from unittest.mock import patch
 
 import pytest
@@ -98,18 +97,8 @@ def test_position_tables_are_ours(ckpt, adapter):
 
 
 @pytest.fixture(scope="module")
-def model(meta):
-    from checkpoints import build_model
-    mc = meta["model_config"]
-    clip, llm, sd = [FIXTURE / mc["visual_tokenizer_config"]["encoder_model_path"], FIXTURE / mc["llm_model_path"],
-                     FIXTURE / mc["image_decoder_config"]["pretrained_model_name_or_path"]]
-    m = build_model(released=FIXTURE / "mm_interleaved_pretrain", clip=clip, llm=llm, sd=sd, released_config=mc,
-                    dtype=torch.float32).eval()
-    # The fixture's LLM folder has no tokenizer.model: the model itself only needs the special ids
-    ids = meta["token_ids"]
-    m.tok = SimpleNamespace(bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"], boi_id=ids["boi"],
-                            image_id=ids["image"])
-    return m
+def model(build_official):
+    return build_official()[0]
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ Tolerances (measured, stated as the relative error of the logits, ||int8 - float
 random LLaMA fp32 0.45% (bound 1%), bf16 against bf16 0.77% (bound 1.5%); the official fixture's text logits 1.8%
 (bound 3%: its random fp16-drawn weights have heavier rows than a trained or default-initialised model)."""
 import copy
-import json
 import random
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,7 +16,7 @@ from torch import nn
 
 import generate
 import world
-from checkpoints import build_model, load
+from checkpoints import load
 from llm import LLaMA, LLaMAConfig
 from mmi import MMI, GatedMMFS, MMIConfig
 from quant import Int8Linear, linear_weight_bytes, quantize_int8, quantize_weight
@@ -166,16 +165,9 @@ def test_mmfs_and_trainable_parameters_untouched():
     assert all(p.grad is None for n, p in model.llm.named_parameters() if n.endswith(("weight_int8", "scales")))
 
 
-def test_official_fixture_text_logits():
-    meta = json.loads((FIXTURE / "fixture.json").read_text())
-    mc = meta["model_config"]
-    clip, llm, sd = [FIXTURE / mc["visual_tokenizer_config"]["encoder_model_path"], FIXTURE / mc["llm_model_path"],
-                     FIXTURE / mc["image_decoder_config"]["pretrained_model_name_or_path"]]
-    m = build_model(released=FIXTURE / "mm_interleaved_pretrain", clip=clip, llm=llm, sd=sd, released_config=mc,
-                    dtype=torch.float32).eval()
+def test_official_fixture_text_logits(build_official):
+    m, meta = build_official()
     ids = meta["token_ids"]
-    m.tok = SimpleNamespace(bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"], boi_id=ids["boi"],
-                            image_id=ids["image"])
     from safetensors.torch import load_file
     fx = load_file(str(FIXTURE / "fixture.safetensors"))
     toks, images = fx["input.text_ids"], fx["input.image_tensors"]
