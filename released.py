@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from vit import CLIP_MEAN, CLIP_STD, sincos_2d
-from weights import CheckpointError, open_checkpoint
+from weights import CheckpointError, assign_tensor, open_checkpoint
 
 THEIR_VT = "visual_tokenizer."                # the authors' visual tokenizer
 VM = THEIR_VT + "encoder.vision_model."
@@ -233,12 +233,7 @@ def assign(module, plan, dtype=None):
         target = state[name]
         if value.is_floating_point():
             value = value.to(dtype or (target.dtype if not target.is_meta else torch.float32))
-        owner_name, _, attr = name.rpartition(".")
-        owner = module.get_submodule(owner_name) if owner_name else module
-        if attr in owner._parameters:
-            owner._parameters[attr] = torch.nn.Parameter(value.contiguous(), requires_grad=target.requires_grad)
-        else:
-            owner._buffers[attr] = value.contiguous()
+        assign_tensor(module, name, value.contiguous(), target.requires_grad)
     return module
 
 

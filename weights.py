@@ -12,7 +12,7 @@ import pickle
 import re
 import warnings
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -180,6 +180,17 @@ def check_finite(tensors: Mapping, source: str) -> None:
             raise CheckpointError(_not_finite(where(name), name, value))
 
 
+def assign_tensor(module: nn.Module, name: str, value: torch.Tensor, requires_grad: bool):
+    """Put `value` in place of the parameter or buffer `name` ("blocks.0.attn.weight") of module, replacing the
+    tensor object (so a meta-device model gets real storage without a copy)."""
+    owner_name, _, attr = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    if attr in owner._parameters:
+        owner._parameters[attr] = nn.Parameter(value, requires_grad=requires_grad)
+    else:
+        owner._buffers[attr] = value
+
+
 def load_strict(module: nn.Module, tensors: Mapping, source: str, dtype: torch.dtype | None = None) -> nn.Module:
     """
     Assign every parameter and persistent buffer of `module` (which may live on the meta device) from `tensors`
@@ -211,12 +222,7 @@ def load_strict(module: nn.Module, tensors: Mapping, source: str, dtype: torch.d
             if not converted.isfinite().all():  # after the cast, so an fp16 overflow is caught too
                 raise CheckpointError(_not_finite(where(name), name, value, converted))
             value = converted
-        owner_name, _, attr = name.rpartition(".")
-        owner = module.get_submodule(owner_name)
-        if attr in owner._parameters:
-            owner._parameters[attr] = nn.Parameter(value, requires_grad=target.requires_grad)
-        else:
-            owner._buffers[attr] = value
+        assign_tensor(module, name, value, target.requires_grad)
     left = [n for n, t in module.state_dict().items() if t.is_meta]
     if left:
         raise CheckpointError(f"{source}: tensors left uninitialised after loading: {_names(left)}")
