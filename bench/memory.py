@@ -62,8 +62,8 @@ MID = {"vision": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers
                     down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
                     up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
                     attention_head_dim=[4, 4, 4], cross_attention_dim=256, norm_num_groups=16, sample_size=64),
-       "n_image_tokens": 32, "res_dim": 256, "res_heads": 4, "res_ffn": 1024, "dec_dim": 256, "dec_heads": 4,
-       "dec_ffn": 1024, "dec_queries": 32, "mmfs_every": 2, "image_size": 64}
+       "n_image_tokens": 32, "image_size": 64, "resampler.dim": 256, "resampler.heads": 4, "resampler.ffn": 1024,
+       "decoder.dim": 256, "decoder.heads": 4, "decoder.ffn": 1024, "decoder.queries": 32, "mmfs.every": 2}
 # Where each weight belongs (first match wins), for the per-component table
 COMPONENTS = [
     ("ViT", lambda n: "adapter.vit." in n),
@@ -89,12 +89,21 @@ def config(preset="official", llm=None, mmfs_every=None, **overrides) -> MMIConf
     llm = LLMS[llm] if isinstance(llm, str) else llm
     if llm:
         overrides["llm"] = {**MMIConfig.from_name(preset).llm, **llm}
-    cfg = MMIConfig.from_name(preset, **overrides)
-    if mmfs_every is None and llm:
-        mmfs_every = max(1, round(cfg.llm["n_layers"] / 10))
+        mmfs_every = mmfs_every or overrides.get("mmfs.every") or max(1, round(llm["n_layers"] / 10))
     if mmfs_every:
-        cfg.mmfs_every = mmfs_every
-    return cfg
+        overrides["mmfs.every"] = mmfs_every
+    if not hasattr(MMIConfig(), "mmfs"):  # the flat names of the config before its sub-configs (mmfs_every, ...)
+        overrides = {_FLAT.get(k, k): v for k, v in overrides.items()}
+    return MMIConfig.from_name(preset, **overrides)
+
+
+_FLAT = {"mmfs.every": "mmfs_every", "resampler.dim": "res_dim", "resampler.heads": "res_heads",
+         "resampler.ffn": "res_ffn", "decoder.dim": "dec_dim", "decoder.heads": "dec_heads", "decoder.ffn": "dec_ffn",
+         "decoder.queries": "dec_queries"}
+
+
+def mmfs_every(cfg):
+    return cfg.mmfs.every if hasattr(cfg, "mmfs") else cfg.mmfs_every
 
 
 def build_meta(cfg: MMIConfig, mode, dtype, quantize=None) -> MMI:
@@ -524,7 +533,7 @@ def main(argv=None):
               grad_checkpointing=args.grad_checkpointing, quantize=args.quantize, target=args.target,
               steps=args.steps)
     args.describe = f"{args.preset}, LLM {cfg.llm['n_layers']} layers x {cfg.llm['dim']} (MMFS every " \
-                    f"{cfg.mmfs_every}), {args.dtype}" + (", int8 LLM" if args.quantize else "") + \
+                    f"{mmfs_every(cfg)}), {args.dtype}" + (", int8 LLM" if args.quantize else "") + \
                     (f", batch {args.batch_size}" if args.mode == "train" else "") + \
                     (", grad checkpointing" if args.grad_checkpointing else "")
     res = run(cfg, args.mode, dtype, **kw)
