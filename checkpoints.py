@@ -52,9 +52,11 @@ def from_components(clip, llm, sd, preset="official", dtype=None, null_cond=None
     Stable Diffusion 2.x pipeline root. ViT and LLaMA load in `dtype` (default: as stored); U-Net and VAE fp32.
     null_cond: optional [dec_queries, C] tensor (official: SD's text encoding of "")."""
     vit = VisionTransformer.from_pretrained(clip, dtype)
-    lm = LLaMA.from_pretrained(llm, dtype)
+    lm = LLaMA.from_pretrained(llm, dtype)  # its sizes (depth, width, heads, key-value heads, vocabulary) from the folder
     unet, schedule = stable_diffusion(sd, preset)
     vae = AutoencoderKL.from_pretrained(sd, torch.float32)
+    if "mmfs.every" not in overrides and "mmfs" not in overrides:  # at the paper's depths, whatever the LLM's depth
+        overrides["mmfs.every"] = mmfs_every(lm.cfg.n_layers)
     cfg = MMIConfig.from_name(
         preset, vision=asdict(vit.cfg), llm=asdict(lm.cfg), unet=asdict(unet.cfg), vae=asdict(vae.cfg),
         schedule=schedule, components=dict(clip=str(clip), llm=str(llm), sd=str(sd)), **overrides)
@@ -64,6 +66,12 @@ def from_components(clip, llm, sd, preset="official", dtype=None, null_cond=None
         if null_cond is not None:
             model.image_decoder.null_cond.copy_(null_cond)
     return model
+
+
+def mmfs_every(n_layers):
+    """MMFS every k-th LLM layer from layer 0, placed as the paper places it relative to depth: every 4th of
+    Vicuna-13B's 40 layers (10 of them), so k = n_layers / 10 rounded (32 layers: 3, 22: 2, 40: 4)."""
+    return max(1, round(n_layers / 10))
 
 
 def stable_diffusion(sd, preset):

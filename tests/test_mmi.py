@@ -491,6 +491,32 @@ def test_from_components_freezing_and_partial_save(components, tmp_path):
     assert torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("layers, heads, kv_heads, every", [(20, 4, 2, 2), (7, 4, 1, 1), (32, 2, 2, 3)])
+def test_any_llama_family_llm_assembles(components, tmp_path, layers, heads, kv_heads, every):
+    """The LLM's sizes come from its folder (depth, width, heads, grouped-query heads, vocabulary) and MMFS sits at
+    the paper's relative depths (every 4th of 40 layers: every round(layers / 10)-th); a training step runs."""
+    import shutil
+    import transformers
+    from checkpoints import mmfs_every
+    llm = tmp_path / "llm"
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=32000, hidden_size=32, intermediate_size=48, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, max_position_embeddings=128, rms_norm_eps=1e-5)).save_pretrained(llm)
+    shutil.copy(components / "llm" / "tokenizer.model", llm / "tokenizer.model")
+    kw = {k: v for k, v in MICRO.items() if k.startswith(("resampler.", "decoder.")) or k == "n_image_tokens"}
+    model = build_model("official", clip=components / "clip", llm=llm, sd=components / "sd", **kw)
+    c = model.llm.cfg
+    assert (c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.vocab_size) == (layers, 32, heads, kv_heads, 32000)
+    assert mmfs_every(layers) == every == model.cfg.mmfs.every and mmfs_every(40) == 4
+    placed = [i for i, b in enumerate(model.llm.layers) if isinstance(b.inserted, GatedMMFS)]
+    assert placed == list(range(0, layers, every))
+    batch = pack(model, model.tok, [["a cat", images(1)[0], "and a dog", images(1, 1)[0]]])
+    out = model.train()(batch)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and out["n_images"] == 2
+    assert all(b.inserted.gate.grad is not None for b in model.llm.layers if b.inserted is not None)
+
+
 def test_generation_stops_at_stop_string():
     model = micro(live=True)
     full = generate.generate(model, ["hello"], max_new_tokens=12, max_images=0, temperature=0)[0]
