@@ -510,6 +510,8 @@ def main(argv=None):
     p.add_argument("--table", action="store_true", help="the issue-23 table of 24 / 40 / 80 GB cards")
     p.add_argument("--measure", action="store_true", help="CUDA: run the step for real, max_memory_allocated")
     args = p.parse_args(argv)
+    if args.measure and not torch.cuda.is_available():
+        raise SystemExit("error: --measure needs a CUDA device (torch.cuda.is_available() is False)")
     if args.check:
         torch.set_num_threads(1)
         for name in CHECKS:
@@ -538,8 +540,6 @@ def main(argv=None):
                     (", grad checkpointing" if args.grad_checkpointing else "")
     res = run(cfg, args.mode, dtype, **kw)
     if args.measure:
-        if not torch.cuda.is_available():
-            raise SystemExit("error: --measure needs a CUDA device (torch.cuda.is_available() is False)")
         total = torch.cuda.get_device_properties(0).total_memory
         if res["peak"] > 0.95 * total:
             report(res, args)
