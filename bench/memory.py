@@ -66,15 +66,15 @@ MID = {"vision": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers
        "decoder.dim": 256, "decoder.heads": 4, "decoder.ffn": 1024, "decoder.queries": 32, "mmfs.every": 2}
 # Where each weight belongs (first match wins), for the per-component table
 COMPONENTS = [
-    ("ViT", lambda n: "adapter.vit." in n),
-    ("ViT-Adapter", lambda n: "adapter." in n),
+    ("ViT", lambda n: n.startswith("visual_tokenizer.adapter.vit.")),
+    ("ViT-Adapter", lambda n: n.startswith("visual_tokenizer.adapter.")),
+    ("image resampler", lambda n: n.startswith("visual_tokenizer.")),  # projection, norms, resampler
     ("LLM MMFS", lambda n: ".inserted." in n),
     ("LLM", lambda n: n.startswith(("llm.", "boi", "new_head.", "head_bias"))),
-    ("image resampler", lambda n: n.startswith(("vis_", "resampler.", "visual_tokenizer."))),
-    ("U-Net MMFS", lambda n: n.startswith(("dec_norm_", "dec_mmfs.", "dec_zero.", "image_decoder.taps."))),
-    ("U-Net", lambda n: "unet." in n),
-    ("VAE", lambda n: "vae." in n),
-    ("decoder resampler", lambda n: True),  # context projection, resampler, null condition
+    ("U-Net MMFS", lambda n: n.startswith("image_decoder.taps.")),
+    ("U-Net", lambda n: n.startswith("image_decoder.unet.")),
+    ("VAE", lambda n: n.startswith("image_decoder.vae.")),
+    ("decoder resampler", lambda n: n.startswith("image_decoder.")),  # context projection, resampler, null cond.
 ]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FAKE_MIN_NUMEL = 4096  # a floating tensor made from nothing (zeros, randn) at least this big is made fake
@@ -92,18 +92,7 @@ def config(preset="official", llm=None, mmfs_every=None, **overrides) -> MMIConf
         mmfs_every = mmfs_every or overrides.get("mmfs.every") or max(1, round(llm["n_layers"] / 10))
     if mmfs_every:
         overrides["mmfs.every"] = mmfs_every
-    if not hasattr(MMIConfig(), "mmfs"):  # the flat names of the config before its sub-configs (mmfs_every, ...)
-        overrides = {_FLAT.get(k, k): v for k, v in overrides.items()}
     return MMIConfig.from_name(preset, **overrides)
-
-
-_FLAT = {"mmfs.every": "mmfs_every", "resampler.dim": "res_dim", "resampler.heads": "res_heads",
-         "resampler.ffn": "res_ffn", "decoder.dim": "dec_dim", "decoder.heads": "dec_heads", "decoder.ffn": "dec_ffn",
-         "decoder.queries": "dec_queries"}
-
-
-def mmfs_every(cfg):
-    return cfg.mmfs.every if hasattr(cfg, "mmfs") else cfg.mmfs_every
 
 
 def build_meta(cfg: MMIConfig, mode, dtype, quantize=None) -> MMI:
@@ -133,8 +122,7 @@ def build_meta(cfg: MMIConfig, mode, dtype, quantize=None) -> MMI:
                                 encode=lambda text, bos=False, eos=False: [5] * len(text.split()),
                                 decode=lambda ids: "")
     # the noise schedule real (not meta): sampling reads its tables on the host (.item(), .tolist())
-    owner = getattr(model, "image_decoder", model)
-    setattr(owner, "schedule" if "schedule" in vars(owner) else "_schedule", NoiseSchedule(**cfg.schedule))
+    model.image_decoder.schedule = NoiseSchedule(**cfg.schedule)
     return model
 
 
@@ -535,7 +523,7 @@ def main(argv=None):
               grad_checkpointing=args.grad_checkpointing, quantize=args.quantize, target=args.target,
               steps=args.steps)
     args.describe = f"{args.preset}, LLM {cfg.llm['n_layers']} layers x {cfg.llm['dim']} (MMFS every " \
-                    f"{mmfs_every(cfg)}), {args.dtype}" + (", int8 LLM" if args.quantize else "") + \
+                    f"{cfg.mmfs.every}), {args.dtype}" + (", int8 LLM" if args.quantize else "") + \
                     (f", batch {args.batch_size}" if args.mode == "train" else "") + \
                     (", grad checkpointing" if args.grad_checkpointing else "")
     res = run(cfg, args.mode, dtype, **kw)
