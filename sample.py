@@ -37,6 +37,7 @@ from data import tokenize_document
 from generate import SAMPLING, as_8bit, check_fits, draw_image, generate
 from checkpoints import build_model
 from mmi import PRESETS
+from quant import quantize_int8
 from weights import CheckpointError
 
 ROOT = Path(__file__).resolve().parent
@@ -72,6 +73,8 @@ p.add_argument("--steps", type=int, default=SAMPLING["steps"], help="diffusion s
 p.add_argument("--guidance", type=float, default=SAMPLING["guidance"], help="classifier-free guidance scale (1 = none)")
 p.add_argument("--device", default="cpu")
 p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+p.add_argument("--quantize", choices=["int8"], default=None,
+               help="the LLM's Linear layers in int8 (quant.py; MMFS untouched): Vicuna-13B 24 -> 12 GiB")
 p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default); tiny models run "
                "fastest on 1 (more threads cost more in synchronisation than they gain)")
 def contact_sheet(rows, size=128, pad=8, frame=3):
@@ -201,6 +204,9 @@ def main(argv):
         tok = model.tok  # (a missing tokenizer.model: one line too)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         fail(str(e).splitlines()[0])
+    if args.quantize:  # on the host, before the move: the GPU never holds the full-precision LLM
+        model = model.to(dtype)  # the scales in the compute dtype
+        quantize_int8(model.llm, filter=lambda name, linear: ".inserted." not in name)  # MMFS keeps its weights
     model = model.to(args.device, dtype).eval()
     for title, segments in prompts:  # every prompt against the model's limits before any is generated
         items = [x for seg, draw in segments for x in seg + ([torch.zeros(3, 1, 1)] if draw else [])]  # a drawn picture

@@ -52,6 +52,7 @@ import data
 import world
 from generate import SAMPLING, draw_image, generate
 from mmi import PRESETS
+from quant import quantize_int8
 from tiny_sd import TextEncoder
 from weights import CheckpointError
 
@@ -82,6 +83,7 @@ device = "cpu"             # "cpu", "cuda", "cuda:1", ...
 dtype = "float32"          # "float32", "bfloat16" or "float16" (autocast; fp16 uses a GradScaler)
 compile = False
 grad_checkpointing = False
+quantize = ""              # "int8": the frozen LLM's Linear layers in int8 (quant.py; needs freeze_llm, as official)
 threads = 1                # torch CPU threads per process, 0 = torch's default (tiny: 1; use processes)
 # official components (preset "official"): folders for checkpoints.build_model. Other presets: sd_path, a tiny Stable
 # Diffusion folder of tiny_sd.py, is built on as the paper builds on SD 2.1: its U-Net frozen (--freeze_unet=False
@@ -143,7 +145,7 @@ def main(argv):
     if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
         raise SystemExit(f"error: --device={device} but there are {torch.cuda.device_count()} CUDA devices "
                          "(cuda:0 ...)")
-    CHOICES = {"schedule": ("cosine", "constant"), "eval_sampler": ("ddim", "ddpm")}
+    CHOICES = {"schedule": ("cosine", "constant"), "eval_sampler": ("ddim", "ddpm"), "quantize": ("", "int8")}
     for _k, _options in CHOICES.items():
         if globals()[_k] not in _options:
             raise SystemExit(f"error: --{_k}={globals()[_k]} is not one of {', '.join(_options)}")
@@ -218,6 +220,10 @@ def main(argv):
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         flag = "--init_from" if init_from else "--sd_path" if sd_path else "--preset"
         raise SystemExit(f"error: {flag}: {str(e).splitlines()[0]}")
+    if quantize:  # the frozen LLM's Linear layers (the default filter: those that need no gradient)
+        if not (model.cfg.components and model.cfg.freeze_llm):  # else saving would store the int8 weights
+            raise SystemExit("error: --quantize=int8 is for a frozen LLM loaded from --llm_path (the official preset)")
+        quantize_int8(model.llm)
     skip_keys = checkpoints.official_keys(model)  # frozen official weights are not stored in checkpoints
     if ckpt is not None:
         state = ckpt["model"]

@@ -405,7 +405,7 @@ def check(name, mode, dtype=torch.float32, grad_checkpointing=False):
 
 
 # -----------------------------------------------------------------------------
-# The table of issue 23: which configurations fit 24 / 40 / 80 GB cards
+# The table: which configurations fit 24 / 40 / 80 GB cards
 
 CARDS = (24, 40, 80)
 USABLE = 0.9  # of a card's memory for the plan; the rest: CUDA context, workspaces, fragmentation
@@ -439,7 +439,7 @@ def train_fits(cfg, quantize):
 
 
 def table():
-    """The issue-23 table (markdown) on stdout; progress on stderr."""
+    """The table of bench/README.md (markdown) on stdout; progress on stderr."""
     rows = []
     gen = [("(a) released checkpoint (Vicuna-13B), fp16", "13b", None),
            ("(a) released checkpoint (Vicuna-13B), fp16, int8 LLM", "13b", "int8"),
@@ -495,7 +495,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=2, help="denoising steps traced (each takes the same memory)")
     p.add_argument("--target", default="cuda", choices=["cuda", "cpu"], help="whose code paths the plan follows")
     p.add_argument("--check", action="store_true", help="tiny and mid-size: plan vs the tracker on real CPU tensors")
-    p.add_argument("--table", action="store_true", help="the issue-23 table of 24 / 40 / 80 GB cards")
+    p.add_argument("--table", action="store_true", help="the table of 24 / 40 / 80 GB cards (bench/README.md)")
     p.add_argument("--measure", action="store_true", help="CUDA: run the step for real, max_memory_allocated")
     args = p.parse_args(argv)
     if args.measure and not torch.cuda.is_available():

@@ -93,6 +93,8 @@ def test_every_output_folder_is_checked_first(tmp_path, error_line):
     (["--seq_len=4096"], "--seq_len=4096: the model's context holds 512 positions"),
     (["--seq_len=12"], "--seq_len=12: a row must hold <s>, one image (17 positions)"),
     (["--max_images=2"], "documents may hold 3 images; the model sees at most max_images=2"),
+    (["--quantize=int4"], "--quantize=int4 is not one of , int8"),
+    (["--quantize=int8"], "--quantize=int8 is for a frozen LLM loaded from --llm_path"),
 ])
 def test_train_flags_choices_and_limits(tmp_path, error_line, args, words):
     small = [f"--out_dir={tmp_path / 'o'}", "--max_steps=1", "--eval_n=0", "--sd_path="]

@@ -1,5 +1,5 @@
 """bench/memory.py: the memory plan on fake tensors against the same tracker on real CPU tensors of the same step
-(the issue asks within 10%; measured: equal to the byte), and the weight table on the meta device. CPU; seconds."""
+(within 10% is the bar; measured: equal to the byte), and the weight table on the meta device. CPU; seconds."""
 import importlib.util
 import os
 import subprocess

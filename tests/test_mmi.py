@@ -16,6 +16,7 @@ from llm import LLaMA, LLaMAConfig
 from mmfs import MMFS
 from checkpoints import build_model, load, save
 from mmi import MMI, DecoderContext, GatedMMFS, MMIConfig, flatten_maps
+from quant import quantize_int8
 
 MICRO = {
     "vision": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=4,
@@ -489,6 +490,13 @@ def test_from_components_freezing_and_partial_save(components, tmp_path):
         with torch.no_grad():
             outs.append(m(batch)["loss"])
     assert torch.equal(outs[0], outs[1])
+    # the frozen LLM in int8 (train.py --quantize=int8): a step trains MMFS; a save stores the same keys as before
+    quantize_int8(model.llm)
+    model.train()(batch)["loss"].backward()
+    assert model.llm.layers[0].inserted.mmfs.value_proj.weight.grad is not None
+    save(model, tmp_path / "q")
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        assert set(f.keys()) == saved
 
 
 @pytest.mark.parametrize("layers, heads, kv_heads, every", [(20, 4, 2, 2), (7, 4, 1, 1), (32, 2, 2, 3)])

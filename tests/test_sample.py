@@ -125,3 +125,11 @@ def test_rerun_leaves_no_stale_pictures(tmp_path):
     p = run(["--ckpt=random", "--steps=1", "--max_new_tokens=2", f"--out_dir={out}"])
     assert p.returncode == 0, p.stderr[-3000:]
     assert not (out / "p9_1_gen.png").exists() and (out / "mine.png").exists()
+
+
+def test_int8_llm_demo_captions_the_same(tmp_path, capsys):
+    """--quantize=int8 (the LLM's Linear layers, MMFS untouched) on the shipped model: the caption is the pinned one."""
+    sample.main(["--quantize=int8", f"--out_dir={tmp_path}"])
+    caption = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("[caption"))
+    pinned = (Path(__file__).parent / "fixtures" / "demo" / "text.txt").read_text().splitlines()[0]
+    assert caption == pinned
