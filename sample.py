@@ -88,8 +88,9 @@ def contact_sheet(rows, size=128, pad=8, frame=3):
     width = pad + cell * max(5, *(sum(not isinstance(x, str) for x, _ in shown) for _, shown in rows))
     wrap = (width - 2 * pad) // 6  # the bitmap font is 6 px wide
 
-    def text_lines(shown):
-        return [(chunk, g) for x, g in shown if isinstance(x, str) for chunk in textwrap.wrap(x, wrap)]
+    def text_lines(shown):  # the bitmap font has Latin-1 only: anything else shows as "?"
+        return [(chunk.encode("latin-1", "replace").decode("latin-1"), g)
+                for x, g in shown if isinstance(x, str) for chunk in textwrap.wrap(x, wrap)]
     height = pad + sum(line + cell + line * len(text_lines(shown)) + pad for _, shown in rows)
     sheet = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(sheet)

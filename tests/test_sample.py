@@ -25,9 +25,10 @@ def test_random_model_end_to_end(tmp_path):
     p = run(["--ckpt=random", "--steps=2", "--max_new_tokens=6", f"--out_dir={out}"])
     assert p.returncode == 0, p.stderr[-3000:]
     page = (out / "index.html").read_text()
-    written = sorted(f.name for f in out.glob("*.png"))
+    written = sorted(f.name for f in out.glob("p*.png"))
     referenced = sorted(re.findall(r'<img [^>]*src="([^"]+)"', page))
     assert written and written == referenced
+    assert (out / "sheet.png").is_file()  # the contact sheet (a random model's text is not Latin-1: shown as "?")
     assert sum(name.endswith("_gen.png") for name in written) >= 4  # the demo asks for four drawings
     assert "tokens/s" in p.stdout and "index.html" in p.stdout
     # the demo prompts appear in order: caption, question, drawing, story, story in two pictures
@@ -41,7 +42,7 @@ def test_a_picture_mid_prompt_then_the_prompt_goes_on(tmp_path):
     p = run(["--ckpt=random", "--prompt=a red circle in the centre. <img> the red circle turns blue. <img>",
              "--steps=1", "--max_new_tokens=2", f"--out_dir={out}", "--guidance=1"], cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert sorted(f.name for f in out.glob("*.png")) == ["p1_2_gen.png", "p1_4_gen.png"]
+    assert sorted(f.name for f in out.glob("p*.png")) == ["p1_2_gen.png", "p1_4_gen.png"]
     page = (out / "index.html").read_text()
     assert page.index("a red circle in the centre.") < page.index("p1_2_gen.png") \
         < page.index("the red circle turns blue.") < page.index("p1_4_gen.png")
