@@ -17,10 +17,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import nn
 
-from weights import CheckpointError, load_strict, open_checkpoint, read_json, weight_files
+from weights import CheckpointError, load_strict, open_checkpoint, read_json, recompute_in_backward, weight_files
 
 
 @dataclass
@@ -220,10 +219,7 @@ class LLaMA(nn.Module):
         cos = self.rope_cos[start : start + T].to(h.dtype)  # (T, hd)
         sin = self.rope_sin[start : start + T].to(h.dtype)
         for i, layer in enumerate(self.layers):
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():  # recompute in backward
-                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, cache, i, ctx, use_reentrant=False)
-            else:
-                h = layer(h, cos, sin, cache, i, ctx)
+            h = recompute_in_backward(self, layer, h, cos, sin, cache, i, ctx)
         if cache is not None:
             cache.length += T
         return self.norm(h)

@@ -34,7 +34,6 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from llm import LLaMA, LLaMAConfig, RMSNorm
 from mmfs import MMFS, pixel_centres
@@ -42,6 +41,7 @@ from tokenizer import mmi_tokenizer
 from diffusion import NoiseSchedule, guided
 from unet import AutoencoderKL, UNet, UNetConfig, VAEConfig
 from vit import CLIPVisionConfig, ViTAdapter, VisionTransformer, resize01, sincos_1d, sincos_2d, sincos_2d_resized
+from weights import recompute_in_backward
 
 # The 2 new LM-head rows (BoI, <|image|>): a frozen part (weight 0, bias NEW_ROW_OFFSET) plus a trainable Linear
 # (weight 0, bias BOI_INIT_LOGIT - NEW_ROW_OFFSET): both start at logit BOI_INIT_LOGIT (official)
@@ -268,15 +268,10 @@ class Resampler(nn.Module):
             nn.init.normal_(self.out.weight, std=out_std)  # official image resampler: N(0, 1e-3) into the LLM
         self.gradient_checkpointing = False
 
-    def _run(self, layer, *args):  # recompute in backward when gradient_checkpointing (as unet.UNet._run)
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(layer, *args, use_reentrant=False)
-        return layer(*args)
-
     def forward(self, media, mask=None):  # media (B, S, media_dim), mask (B, S) -> (B, n, out_dim)
         x = self.drop(self.ln_q(self.queries)).expand(media.shape[0], -1, -1)
         for layer in self.layers:
-            x = self._run(layer, x, media, mask)
+            x = recompute_in_backward(self, layer, x, media, mask)
         return self.out(x)
 
 

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import nn
 
-from weights import CheckpointError, component_folder, load_strict, open_checkpoint, read_json, weight_files
+from weights import (CheckpointError, component_folder, load_strict, open_checkpoint, read_json, recompute_in_backward,
+                     weight_files)
 
 # -----------------------------------------------------------------------------------------------------------------
 # building blocks (shared by the U-Net and the autoencoder)
@@ -291,9 +291,7 @@ class UNet(nn.Module):
         self.gradient_checkpointing = False  # recompute resnets/transformers in backward (full-size training)
 
     def _run(self, module, *args):
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False)
-        return module(*args)
+        return recompute_in_backward(self, module, *args)
 
     def down(self, x, t, context):
         """x (B, Cin, H, W), t (B,) or scalar -> (skips: list of (B, C_i, H_i, W_i), mid (B, C, h, w), emb (B, 4*C0))."""

@@ -20,10 +20,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from mmfs import MMFS, pixel_centres
-from weights import CheckpointError, load_strict, open_checkpoint, read_json, weight_files
+from weights import CheckpointError, load_strict, open_checkpoint, read_json, recompute_in_backward, weight_files
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -156,9 +155,7 @@ class VisionTransformer(nn.Module):
 
     def run(self, layer, x):
         """One block; wherever blocks run (here and in the adapter), so gradient_checkpointing covers all uses."""
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(layer, x, use_reentrant=False)
-        return layer(x)
+        return recompute_in_backward(self, layer, x)
 
     def forward(self, pixels, return_hidden_states=False):
         """-> last hidden state [B, 1+N, D], or (last, hidden_states) with len(hidden_states) = layers + 1."""

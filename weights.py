@@ -4,7 +4,8 @@ Lazy, strict checkpoint loading shared by every `from_pretrained` in mmi.
 Checkpoints are read one tensor at a time (safetensors `safe_open`, or `torch.load(mmap=True, weights_only=True)` for
 pickles) and assigned into a module built on the meta device, so loading a model never holds two copies of it.
 Every failure (missing, corrupt or refused file, missing/unexpected/mis-shaped key, NaN/inf values) is a CheckpointError
-that names the file and the key.
+that names the file and the key. Also the two other mechanics every part shares: writing a file atomically, and
+running a block under activation checkpointing (`recompute_in_backward`).
 """
 import json
 import os
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 SAFETENSORS_EXTS = (".safetensors",)
@@ -238,3 +240,11 @@ def write_atomically(path, write):
     write(str(tmp))
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
+
+
+def recompute_in_backward(owner: nn.Module, fn, *args):
+    """fn(*args), its activations recomputed in backward instead of kept (torch.utils.checkpoint) when `owner` has
+    gradient_checkpointing on and trains with gradients; the one guard of the ViT, resampler, LLM and U-Net blocks."""
+    if owner.gradient_checkpointing and owner.training and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
