@@ -49,6 +49,7 @@ from tqdm import tqdm
 import checkpoints
 import cli
 import data
+import distill
 import world
 from generate import SAMPLING, draw_image, generate
 from mmi import PRESETS
@@ -89,6 +90,11 @@ threads = 1                # torch CPU threads per process, 0 = torch's default 
 # Diffusion folder of tiny_sd.py, is built on as the paper builds on SD 2.1: its U-Net frozen (--freeze_unet=False
 # fine-tunes it), the null condition from its encoding of ""; --sd_path="" trains everything from scratch
 clip_path = llm_path = ""
+# tiny-only warm start of the decoder's context (distill.py): steps regressing the condition for "<s> caption BoI"
+# onto the sd_path text encoder's encoding of the caption, no U-Net pass, before the joint stage (0: none)
+warm_steps = 0
+warm_batch = 32
+warm_lr = 1e-3
 sd_path = str(Path(__file__).resolve().parent / "assets" / "tiny-sd")
 # logging, evaluation, checkpoints
 log_interval = 10
@@ -112,7 +118,7 @@ RANGES = {  # every numeric knob's valid values (cli.check_ranges), checked befo
     "max_steps": ">= 0", "lr": ">= 0", "weight_decay": ">= 0", "beta1": "[0, 1)", "beta2": "[0, 1)", "eps": "> 0",
     "warmup_steps": ">= 0", "min_lr_ratio": "[0, 1]", "grad_clip": ">= 0", "threads": ">= 0", "log_interval": ">= 1",
     "eval_interval": ">= 0", "eval_n": ">= 0", "eval_seed": ">= 0", "eval_steps": ">= 1", "eval_guidance": ">= 0",
-    "ckpt_interval": ">= 0",
+    "ckpt_interval": ">= 0", "warm_steps": ">= 0", "warm_batch": ">= 1", "warm_lr": "> 0",
 }
 # -----------------------------------------------------------------------------
 
@@ -246,6 +252,13 @@ def main(argv):
     if doc_images > mcfg.max_images:
         raise SystemExit(f"error: documents may hold {doc_images} images; the model sees at most max_images="
                          f"{mcfg.max_images} (--max_images=...)")
+    if warm_steps and ckpt is None and not eval_only:  # every rank the same steps: the same weights
+        if not sd_path or preset == "official":
+            raise SystemExit("error: --warm_steps needs the tiny world's --sd_path (its text encoder is the target)")
+        t = time.time()
+        mse = distill.warm_start(model, TextEncoder.from_pretrained(sd_path), warm_steps, warm_batch, warm_lr, seed,
+                                 log=print if int(os.environ.get("RANK", 0)) == 0 else None)
+        print(f"warm start: {warm_steps} steps, condition MSE {mse:.4f}, {time.time() - t:.0f} s")
 
     # lr=0 keeps the model's per-group learning rates; else lr sets the main one and the others keep their ratio
     scale = lr / mcfg.lr if lr else 1.0

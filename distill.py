@@ -1,0 +1,95 @@
+"""Condition distillation: a warm start of the image decoder's context on a (tiny) Stable Diffusion.
+
+The paper trains the decoder resampler only through the diffusion loss, on a U-Net that already reads a text
+encoder's states. In the tiny world the scene behind a caption is known, so that text encoder's output for the caption
+(tiny_sd.TextEncoder, which the frozen tiny U-Net draws perfectly) is an exact target for the decoder's condition.
+Regressing the condition onto it, with no U-Net pass, teaches the decoder to write before the joint stage starts
+(tiny-only: the paper has no such stage; train.py --warm_steps).
+
+    loss = condition_loss(model, text_encoder, captions)   # set-matched MSE of "<s> caption BoI" conditions
+    warm_start(model, text_encoder, steps=1500)            # AdamW on the LLM and the decoder resampler
+
+The U-Net's cross-attention does not see the order of its context, so each example's target tokens are first
+assigned to the condition's slots at least cost (the Hungarian method); a slot-by-slot target learns far slower.
+"""
+import math
+import random
+
+import torch
+
+import world
+
+
+def assignment(cost):
+    """The minimum-cost assignment of a square cost matrix (list of lists of floats): col[i] for each row i. The
+    Hungarian method with potentials, O(n^3)."""
+    n, inf = len(cost), float("inf")
+    u, v, match, way = [0.0] * (n + 1), [0.0] * (n + 1), [0] * (n + 1), [0] * (n + 1)  # 1-based; match[col] = row
+    for row in range(1, n + 1):
+        match[0], col0 = row, 0
+        slack, used = [inf] * (n + 1), [False] * (n + 1)
+        while match[col0]:  # grow an alternating tree until a free column is reached
+            used[col0], row0, delta, col1 = True, match[col0], inf, 0
+            for col in range(1, n + 1):
+                if not used[col]:
+                    reduced = cost[row0 - 1][col - 1] - u[row0] - v[col]
+                    if reduced < slack[col]:
+                        slack[col], way[col] = reduced, col0
+                    if slack[col] < delta:
+                        delta, col1 = slack[col], col
+            for col in range(n + 1):
+                if used[col]:
+                    u[match[col]] += delta
+                    v[col] -= delta
+                else:
+                    slack[col] -= delta
+            col0 = col1
+        while col0:  # flip the path
+            col1 = way[col0]
+            match[col0], col0 = match[col1], col1
+    col_of = [0] * n
+    for col in range(1, n + 1):
+        col_of[match[col] - 1] = col - 1
+    return col_of
+
+
+def set_mse(cond, target):
+    """MSE of cond [n, Q, C] against target [n, Q, C] with each example's target tokens reordered to their
+    minimum-cost assignment to the condition's slots."""
+    cost = torch.cdist(cond.detach().float(), target.float()).square()          # (n, Q, Q)
+    order = torch.tensor([assignment(c.tolist()) for c in cost], device=target.device)
+    return (cond - target.gather(1, order[..., None].expand_as(target))).square().mean()
+
+
+def condition_loss(model, text_encoder, captions):
+    """The decoder's conditions for standalone "<s> caption BoI" documents (no image anywhere: the LLM's MMFS reads
+    its null key) against the text encoder's encodings of the captions, set-matched."""
+    tok, n, dev = model.tok, len(captions), model.boi.device
+    ids = [tok.encode(c, bos=True, eos=False) + [model.cfg.boi_id] for c in captions]
+    T = max(map(len, ids))
+    tokens = torch.tensor([i + [tok.pad_id] * (T - len(i)) for i in ids], device=dev)
+    h = model.llm.forward_hidden(embeds=model.embed(tokens), ctx=None)
+    ends = torch.tensor([len(i) - 1 for i in ids], device=dev)
+    cond = model.image_decoder.condition(h, torch.arange(n, device=dev), torch.zeros_like(ends), ends)
+    return set_mse(cond, text_encoder.encode(captions).to(cond))
+
+
+def warm_start(model, text_encoder, steps, batch=32, lr=1e-3, seed=0, log=None):
+    """`steps` AdamW steps of condition_loss on the captions of random training scenes (warmup 20 steps, cosine to
+    10%), the model's parameter groups at one learning rate. Only the LLM and the decoder's context (projection and
+    resampler) get gradients; returns the last loss."""
+    model.train()
+    opt = torch.optim.AdamW(model.param_groups(0.01, lr, lr, lr), betas=(0.9, 0.99))  # no grad: AdamW skips it
+    rng, loss = random.Random(f"warm:{seed}"), None
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / 20) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
+        captions = [world.caption(world.random_scene(rng)) for _ in range(batch)]
+        loss = condition_loss(model, text_encoder, captions)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if log is not None and ((step + 1) % 100 == 0 or step + 1 == steps):
+            log(dict(warm_step=step + 1, condition_mse=loss.item()))
+    return None if loss is None else loss.item()

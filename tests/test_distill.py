@@ -1,0 +1,44 @@
+"""The decoder's warm start (distill.py): the assignment is the minimum-cost one, the set-matched loss ignores the
+order of the targets, and a few steps on the shipped tiny SD's text encoder lower it."""
+import itertools
+import random
+from pathlib import Path
+
+import torch
+
+import distill
+from checkpoints import build_model
+from tiny_sd import TextEncoder
+
+SD = Path(__file__).resolve().parent.parent / "assets" / "tiny-sd"
+
+
+def test_assignment_is_the_minimum_cost_one():
+    rng = random.Random(0)
+    for n in (1, 2, 3, 5, 6):
+        cost = [[rng.random() for _ in range(n)] for _ in range(n)]
+        col = distill.assignment(cost)
+        best = min(itertools.permutations(range(n)), key=lambda p: sum(cost[i][p[i]] for i in range(n)))
+        assert sorted(col) == list(range(n))
+        assert abs(sum(cost[i][col[i]] for i in range(n)) - sum(cost[i][best[i]] for i in range(n))) < 1e-12
+
+
+def test_set_mse_ignores_the_order_of_the_targets():
+    cond = torch.randn(3, 6, 8)
+    shuffled = torch.stack([c[torch.randperm(6)] for c in cond])
+    assert distill.set_mse(cond, shuffled).item() < 1e-12
+    assert distill.set_mse(cond, shuffled + 0.1).item() > 0
+
+
+def test_warm_start_lowers_the_condition_loss():
+    torch.manual_seed(0)
+    te = TextEncoder.from_pretrained(SD)
+    model = build_model("tiny", sd=SD, null_cond=te.encode([""])[0])
+    captions = ["a red circle in the centre.", "a blue square in the top left and a green triangle in the centre."]
+    with torch.no_grad():
+        before = distill.condition_loss(model, te, captions).item()
+    distill.warm_start(model, te, steps=30, batch=8, lr=3e-3)
+    with torch.no_grad():
+        after = distill.condition_loss(model, te, captions).item()
+    assert after < 0.5 * before, (before, after)
+    assert all(p.grad is None for p in model.image_decoder.unet.parameters())  # no U-Net pass
