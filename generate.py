@@ -153,7 +153,8 @@ class Session:
         """Run the LLM over new tokens (prefill or decode) -> logits of the last one [V + 2]."""
         m, T0, new = self.m, len(self.tokens), list(new)
         self.tokens += new
-        self.doc_ids = document_ids(torch.tensor(self.tokens), m.tok.bos_id).tolist()  # as MMI.layout numbers them
+        last = self.doc_ids[-1] if self.doc_ids else 0  # the new positions' documents, numbered as MMI.layout does
+        self.doc_ids += (last + document_ids(torch.tensor(new), m.tok.bos_id)).tolist()
         self.bois += [(t, self.doc_ids[t]) for t, i in enumerate(new, T0) if i == m.cfg.boi_id]
         n_tok = m.cfg.n_image_tokens
         first = 0 if self.cache is None else T0  # the positions this call computes
