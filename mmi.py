@@ -439,16 +439,15 @@ class ImageDecoder(nn.Module):
 
     def __init__(self, cfg: MMIConfig, llm_dim, vis_dim, unet=None, vae=None):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, d = cfg, cfg.decoder
         self.unet = unet or UNet(UNetConfig.from_dict(cfg.unet))
         C = self.unet.cfg.cross_attention_dim
-        if cfg.decoder.dim != C:
-            raise ValueError(f"dec_dim {cfg.decoder.dim} must be the U-Net's cross-attention width {C} (official: the "
+        if d.dim != C:
+            raise ValueError(f"decoder.dim {d.dim} must be the U-Net's cross-attention width {C} (official: the "
                              "decoder resampler has no output Linear)")
         self.context_proj = nn.Linear(llm_dim, llm_dim)
-        d = cfg.decoder
         self.resampler = Resampler(d.queries, C, d.layers, d.heads, llm_dim, ffn=d.ffn, init_std=d.init_std)
-        self.null_cond = nn.Parameter(torch.randn(cfg.decoder.queries, C))  # official: SD's text encoding of ""
+        self.null_cond = nn.Parameter(torch.randn(d.queries, C))  # official: SD's text encoding of ""
         self.vae = vae if vae is not None else AutoencoderKL(VAEConfig.from_dict(cfg.vae)) if cfg.vae else None
         self.latent = cfg.image_size // (8 if self.vae is not None else 1)
         self.taps = nn.ModuleList(UNetTap(c, vis_dim, cfg, (self.latent // s, self.latent // s))
