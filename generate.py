@@ -133,6 +133,7 @@ class Session:
     def __init__(self, model: MMI, use_cache, max_len):
         self.m, self.max_len, self.device = model, max_len, next(model.parameters()).device
         self.tokens, self.embeds, self.llm_values, self.dec_values, self.hidden = [], [], [], [], []
+        self.llm_shapes = self.dec_shapes = None  # the (H, W) of the levels in llm_values / dec_values (every image's)
         self.doc_ids, self.bois = [], []  # document of each position; (position, document) of each BoI
         self.slots_fed = 0                # <|image|> positions fed so far
         self.cache = model.llm.new_cache(1, max_len) if use_cache else None
@@ -141,9 +142,10 @@ class Session:
     def add_image(self, img01):
         emb, maps = self.m.visual_tokenizer(img01[None].to(self.device))
         self.embeds.append(emb)
-        values, shapes = flatten_maps(maps[1:])
-        self.llm_values.append((values, shapes))
-        self.dec_values.append(flatten_maps(maps))
+        values, self.llm_shapes = flatten_maps(maps[1:])  # the LLM's MMFS reads levels 2-4
+        dec_values, self.dec_shapes = flatten_maps(maps)    # the decoder's, all four
+        self.llm_values.append(values)
+        self.dec_values.append(dec_values)
         if self.cache is not None:  # extend every layer's projected values by the new image
             for layer in (b.inserted for b in self.m.llm.layers if b.inserted is not None):
                 p = layer.project_values(values)                                  # (1, S, heads*head_dim)
@@ -180,10 +182,9 @@ class Session:
         def per_row(x):  # (images so far, S, C) -> (1, n_images, S, C)
             missing = len(self.bois) - x.shape[0]
             return (torch.cat([x, x.new_zeros(missing, *x.shape[1:])]) if missing else x)[None]
-        shapes = self.llm_values[0][1]
         if self.cache is None:
-            return VisualContext(per_row(torch.cat([v for v, _ in self.llm_values])), shapes, visible)
-        return VisualContext(None, shapes, visible, {layer: per_row(p) for layer, p in self.projected.items()})
+            return VisualContext(per_row(torch.cat(self.llm_values)), self.llm_shapes, visible)
+        return VisualContext(None, self.llm_shapes, visible, {layer: per_row(p) for layer, p in self.projected.items()})
 
     def draw(self, steps, sampler, guidance, generator):
         """Generate the image whose BoI was just fed; MMFS reads the previous image of the document."""
@@ -194,7 +195,7 @@ class Session:
         as_tensor = lambda *v: torch.tensor(v, device=self.device)  # noqa: E731
         cond = m.image_decoder.condition(h, as_tensor(0), as_tensor(start), as_tensor(pos))
         if self.dec_values:
-            dec, shapes = torch.cat([v for v, _ in self.dec_values]), self.dec_values[0][1]
+            dec, shapes = torch.cat(self.dec_values), self.dec_shapes
         else:  # no image yet: prev is -1, so this placeholder is never read (MMFS then outputs its bias)
             dec, shapes = cond.new_zeros(1, 4, m.visual_tokenizer.vit.cfg.hidden_size), torch.tensor([[1, 1]] * 4)
         prev_index = len(self.bois) - 2 if prev else -1  # images are numbered by their BoI, as in MMI.layout
