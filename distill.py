@@ -8,6 +8,7 @@ Regressing the condition onto it, with no U-Net pass, teaches the decoder to wri
 
     loss = condition_loss(model, text_encoder, captions)   # set-matched MSE of "<s> caption BoI" conditions
     warm_start(model, text_encoder, steps=1500)            # AdamW on the LLM and the decoder resampler
+    loss = drawn_loss(model(batch, draw=False), batch["images"], text_encoder)   # every image of a training batch
 
 The U-Net's cross-attention does not see the order of its context, so each example's target tokens are first
 assigned to the condition's slots at least cost (the Hungarian method); a slot-by-slot target learns far slower.
@@ -72,6 +73,16 @@ def condition_loss(model, text_encoder, captions):
     ends = torch.tensor([len(i) - 1 for i in ids], device=dev)
     cond = model.image_decoder.condition(h, torch.arange(n, device=dev), torch.zeros_like(ends), ends)
     return set_mse(cond, text_encoder.encode(captions).to(cond))
+
+
+def drawn_loss(out, images01, text_encoder):
+    """The set-matched MSE of the conditions that MMI.forward(batch, draw=False) returns against the text encoder's
+    encodings of the captions of the scenes in those images (synthetic images: world.parse_image reads them back
+    exactly). Zero, with a graph, for a batch with nothing to draw."""
+    if out["cond"] is None:
+        return out["loss"] * 0.0
+    scenes = [world.parse_image(x) for x in images01[out["drawn"]]]
+    return set_mse(out["cond"], text_encoder.encode([world.caption(s) for s in scenes]).to(out["cond"]))
 
 
 def warm_start(model, text_encoder, steps, batch=32, lr=1e-3, seed=0, log=None):

@@ -671,11 +671,13 @@ class MMI(nn.Module):
         x, ctx, lay, maps = self.llm_inputs(tokens, images, doc_ids)
         return self.llm.forward_hidden(embeds=x, ctx=ctx), lay, maps                   # (B, T, D)
 
-    def forward(self, batch):
+    def forward(self, batch, draw=True):
         """The two losses of the paper (section 3.3): next-token cross-entropy on text, and the diffusion loss of
         every image that has text before it, conditioned on the LLM states up to its BoI.
         batch: tokens, images; optional doc_ids, images_dec [N, 3, S, S] (the decoder's own crops; default: images
-        resized) and pairs (True: the image-text-pair text rule of text_targets)."""
+        resized) and pairs (True: the image-text-pair text rule of text_targets).
+        draw=False skips the U-Net (image loss 0) and returns the conditions instead: "cond" [n, Q, C] of the images
+        with context, "drawn" [n] their indices in images (for distill.drawn_loss)."""
         tokens, images = batch["tokens"], batch.get("images")
         h, lay, maps = self.hidden_states(tokens, images, batch.get("doc_ids"))
         targets = self.text_targets(tokens, batch.get("pairs", False), batch.get("doc_ids"))
@@ -684,14 +686,16 @@ class MMI(nn.Module):
         if n_text == 0:
             text_loss = h.sum() * 0.0
         drawn = lay.has_context.nonzero(as_tuple=True)[0]  # no image loss when the context is only <s> BoI
-        image_loss = text_loss.new_zeros(())
+        image_loss, cond = text_loss.new_zeros(()), None
         if len(drawn):
             cond = self.image_decoder.condition(h, lay.rows[drawn], lay.start[drawn], lay.pos[drawn])
+        if len(drawn) and draw:
             ctx = self.image_decoder.context(*maps, lay.prev[drawn])
             losses = self.image_decoder.loss(cond, batch.get("images_dec", images)[drawn], ctx)
             image_loss = losses.sum() / len(lay.rows)  # a mean over ALL images, those without context as zeros
-        return dict(loss=text_loss + self.cfg.decoder.loss_weight * image_loss, text_loss=text_loss.detach(),
-                    image_loss=image_loss.detach(), n_text=n_text, n_images=len(drawn))
+        out = dict(loss=text_loss + self.cfg.decoder.loss_weight * image_loss, text_loss=text_loss.detach(),
+                   image_loss=image_loss.detach(), n_text=n_text, n_images=len(drawn))
+        return out if draw else {**out, "cond": cond, "drawn": drawn}
 
     # --- training helpers ---------------------------------------------------------------------------------------
     def param_groups(self, weight_decay=0.05, lr=None, lr_unet=None, lr_offsets=None):

@@ -95,6 +95,10 @@ clip_path = llm_path = ""
 warm_steps = 0
 warm_batch = 32
 warm_lr = 1e-3
+# tiny-only: the same distillation on every image with context in the training rows (a story's next picture: the
+# caption of the edited scene), added to the loss with this weight (0: off); --diffusion=False skips the U-Net
+distill_weight = 0.0
+diffusion = True
 sd_path = str(Path(__file__).resolve().parent / "assets" / "tiny-sd")
 # logging, evaluation, checkpoints
 log_interval = 10
@@ -118,7 +122,7 @@ RANGES = {  # every numeric knob's valid values (cli.check_ranges), checked befo
     "max_steps": ">= 0", "lr": ">= 0", "weight_decay": ">= 0", "beta1": "[0, 1)", "beta2": "[0, 1)", "eps": "> 0",
     "warmup_steps": ">= 0", "min_lr_ratio": "[0, 1]", "grad_clip": ">= 0", "threads": ">= 0", "log_interval": ">= 1",
     "eval_interval": ">= 0", "eval_n": ">= 0", "eval_seed": ">= 0", "eval_steps": ">= 1", "eval_guidance": ">= 0",
-    "ckpt_interval": ">= 0", "warm_steps": ">= 0", "warm_batch": ">= 1", "warm_lr": "> 0",
+    "ckpt_interval": ">= 0", "warm_steps": ">= 0", "warm_batch": ">= 1", "warm_lr": "> 0", "distill_weight": ">= 0",
 }
 # -----------------------------------------------------------------------------
 
@@ -252,11 +256,16 @@ def main(argv):
     if doc_images > mcfg.max_images:
         raise SystemExit(f"error: documents may hold {doc_images} images; the model sees at most max_images="
                          f"{mcfg.max_images} (--max_images=...)")
+    text_encoder = None  # the distillation target (distill.py)
+    if (warm_steps or distill_weight) and not eval_only:
+        for flag in ("warm_steps", "distill_weight"):
+            if globals()[flag] and (not sd_path or preset == "official" or data_paths):
+                raise SystemExit(f"error: --{flag} needs the tiny world's --sd_path and documents (its text "
+                                 "encoder is the target)")
+        text_encoder = TextEncoder.from_pretrained(sd_path).to(device)
     if warm_steps and ckpt is None and not eval_only:  # every rank the same steps: the same weights
-        if not sd_path or preset == "official":
-            raise SystemExit("error: --warm_steps needs the tiny world's --sd_path (its text encoder is the target)")
         t = time.time()
-        mse = distill.warm_start(model, TextEncoder.from_pretrained(sd_path), warm_steps, warm_batch, warm_lr, seed,
+        mse = distill.warm_start(model, text_encoder, warm_steps, warm_batch, warm_lr, seed,
                                  log=print if int(os.environ.get("RANK", 0)) == 0 else None)
         print(f"warm start: {warm_steps} steps, condition MSE {mse:.4f}, {time.time() - t:.0f} s")
 
@@ -492,24 +501,27 @@ def main(argv):
     signal.signal(signal.SIGINT, lambda *_: stop("interrupted (Ctrl-C)", 130))  # one line, no traceback
     t0, tokens_seen, images_seen = time.time(), 0, 0
     for step in pbar:
-        sums = torch.zeros(5, dtype=torch.float64)  # loss, text loss, image loss, tokens, images (this rank)
+        sums = torch.zeros(6, dtype=torch.float64)  # loss, text, image, distill losses, tokens, images (this rank)
         for micro in range(grad_accum):
             batch = to_device(next(batches))
             g = (step * grad_accum + micro) * world_size + rank
             torch.manual_seed(seed * 1_000_003 + g)  # the micro-batch's own randomness, whichever process runs it
             sync = micro == grad_accum - 1
             with (nullcontext() if sync or not ddp else model.no_sync()), autocast:
-                out_ = model(batch)
+                out_ = model(batch, draw=diffusion)
+                distill_v = (distill.drawn_loss(out_, batch.get("images"), text_encoder) if distill_weight
+                             else torch.zeros((), device=device))
+                total = out_["loss"] + distill_weight * distill_v
                 # + exactly zero from every trainable parameter: a batch without images (or whose images have no
                 # context) leaves some unused, and DDP then needs no find_unused_parameters
-                loss = (out_["loss"] + 0.0 * sum(p.reshape(-1)[0] for p in trainable)) / grad_accum
+                loss = (total + 0.0 * sum(p.reshape(-1)[0] for p in trainable)) / grad_accum
             scaler.scale(loss).backward()
-            sums += torch.tensor([out_["loss"].item(), out_["text_loss"].item(), out_["image_loss"].item(),
+            sums += torch.tensor([total.item(), out_["text_loss"].item(), out_["image_loss"].item(), distill_v.item(),
                                   int((batch["tokens"] != tok.pad_id).sum()), out_["n_images"]], dtype=torch.float64)
         if ddp:
             dist.all_reduce(sums)
         n_micro = grad_accum * world_size
-        loss_v, text_v, image_v = (sums[:3] / n_micro).tolist()
+        loss_v, text_v, image_v, distill_v = (sums[:4] / n_micro).tolist()
         if not math.isfinite(loss_v):
             if ddp:
                 dist.destroy_process_group()
@@ -522,11 +534,12 @@ def main(argv):
         optimizer.zero_grad(set_to_none=True)
         lr_now = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        tokens_seen, images_seen = tokens_seen + int(sums[3]), images_seen + int(sums[4])
+        tokens_seen, images_seen = tokens_seen + int(sums[4]), images_seen + int(sums[5])
         dt = time.time() - t0
-        pbar.set_postfix_str(f"loss {loss_v:.3f} text {text_v:.3f} img {image_v:.4f} {tokens_seen / dt:.0f} tok/s")
+        pbar.set_postfix_str(f"loss {loss_v:.3f} text {text_v:.3f} img {image_v:.4f} distill {distill_v:.4f} "
+                             f"{tokens_seen / dt:.0f} tok/s")
         if (step + 1) % log_interval == 0 or step + 1 == max_steps or step == start_step:
-            log(dict(step=step + 1, loss=loss_v, text_loss=text_v, image_loss=image_v, lr=lr_now,
+            log(dict(step=step + 1, loss=loss_v, text_loss=text_v, image_loss=image_v, distill_loss=distill_v, lr=lr_now,
                      tokens_per_s=tokens_seen / dt, images_per_s=images_seen / dt, time=dt))
         done = step + 1 == max_steps
         if (ckpt_interval and (step + 1) % ckpt_interval == 0) or done:

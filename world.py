@@ -154,6 +154,23 @@ def qa_pair(rng, scene):
     return f"what {kind} is in the {CELLS[i]}?", f"{answer}."
 
 
+_QUESTION = re.compile(r"what (colour|shape) is in the ([a-z ]+)\?|where is the (\w+) shape\?|how many shapes are there\?")
+
+
+def answer(question, scene):
+    """The answer `qa_pair` gives to a question about a scene, or None if it is not one of its questions (or asks
+    where a colour is that the scene does not hold)."""
+    m = _QUESTION.fullmatch(question.strip())
+    if m is None or (m[2] is not None and m[2] not in CELLS):
+        return None
+    if m[1]:
+        obj = scene[CELLS.index(m[2])]
+        return "nothing." if obj is None else f"{obj[0]}." if m[1] == "colour" else f"a {obj[1]}."
+    if m[3]:
+        return next((f"in the {CELLS[i]}." for i, (c, _) in _objects(scene) if c == m[3]), None)
+    return f"{NUMBERS[len(_objects(scene))]}."
+
+
 def _cell_bounds(i, size):
     r, c = divmod(i, GRID)
     return round(r * size / GRID), round((r + 1) * size / GRID), round(c * size / GRID), round((c + 1) * size / GRID)

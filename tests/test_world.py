@@ -89,6 +89,16 @@ def test_scoring():
     assert isinstance(ex["prompt"][-1], str) and world.score(ex, world.render(ex["scene"]))["exact"] == 1
 
 
+def test_answer_inverts_qa_pair():
+    rng = random.Random(0)
+    for scene in scenes(200):
+        q, a = world.qa_pair(rng, scene)
+        assert world.answer(q, scene) == a
+    scene = world.make_scene({"centre": ("red", "circle")})
+    assert world.answer("where is the blue shape?", scene) is None  # no blue shape to point at
+    assert world.answer("what colour is in the middle?", scene) is None and world.answer("hello?", scene) is None
+
+
 def test_object_words_finds_each_object_phrase():
     from tokenizer import mmi_tokenizer
     tok = mmi_tokenizer("world", 440)
