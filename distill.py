@@ -4,7 +4,9 @@ The paper trains the decoder resampler only through the diffusion loss, on a U-N
 encoder's states. In the tiny world the scene behind a caption is known, so that text encoder's output for the caption
 (tiny_sd.TextEncoder, which the frozen tiny U-Net draws perfectly) is an exact target for the decoder's condition.
 Regressing the condition onto it, with no U-Net pass, teaches the decoder to write before the joint stage starts
-(tiny-only: the paper has no such stage; train.py --warm_steps).
+(tiny-only: the paper has no such stage; train.py --warm_steps). On training rows the same target exists for every
+image with context, a story's next picture included (the caption of the edited scene, read back from the picture):
+train.py --distill_weight adds that loss, and --diffusion=False trains on it alone, the U-Net skipped.
 
     loss = condition_loss(model, text_encoder, captions)   # set-matched MSE of "<s> caption BoI" conditions
     warm_start(model, text_encoder, steps=1500)            # AdamW on the LLM and the decoder resampler

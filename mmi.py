@@ -676,8 +676,8 @@ class MMI(nn.Module):
         every image that has text before it, conditioned on the LLM states up to its BoI.
         batch: tokens, images; optional doc_ids, images_dec [N, 3, S, S] (the decoder's own crops; default: images
         resized) and pairs (True: the image-text-pair text rule of text_targets).
-        draw=False skips the U-Net (image loss 0) and returns the conditions instead: "cond" [n, Q, C] of the images
-        with context, "drawn" [n] their indices in images (for distill.drawn_loss)."""
+        Also returned: "cond" [n, Q, C], the conditions of the images with context (None if none), and "drawn" [n],
+        their indices in images (for distill.drawn_loss); draw=False skips the U-Net (image loss 0)."""
         tokens, images = batch["tokens"], batch.get("images")
         h, lay, maps = self.hidden_states(tokens, images, batch.get("doc_ids"))
         targets = self.text_targets(tokens, batch.get("pairs", False), batch.get("doc_ids"))
@@ -693,9 +693,8 @@ class MMI(nn.Module):
             ctx = self.image_decoder.context(*maps, lay.prev[drawn])
             losses = self.image_decoder.loss(cond, batch.get("images_dec", images)[drawn], ctx)
             image_loss = losses.sum() / len(lay.rows)  # a mean over ALL images, those without context as zeros
-        out = dict(loss=text_loss + self.cfg.decoder.loss_weight * image_loss, text_loss=text_loss.detach(),
-                   image_loss=image_loss.detach(), n_text=n_text, n_images=len(drawn))
-        return out if draw else {**out, "cond": cond, "drawn": drawn}
+        return dict(loss=text_loss + self.cfg.decoder.loss_weight * image_loss, text_loss=text_loss.detach(),
+                    image_loss=image_loss.detach(), n_text=n_text, n_images=len(drawn), cond=cond, drawn=drawn)
 
     # --- training helpers ---------------------------------------------------------------------------------------
     def param_groups(self, weight_decay=0.05, lr=None, lr_unet=None, lr_offsets=None):

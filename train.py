@@ -2,9 +2,11 @@
 Train MM-Interleaved: the tiny model on the synthetic world (default), or the official one on real corpora.
 
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 train.py   # tiny preset, synthetic world, on the
-        # tiny Stable Diffusion assets/tiny-sd (tiny_sd.py): the shipped assets/tiny (seed 0; 2 processes of 1 thread
-        # beat 1 process of 2). The whole recipe from nothing, and its times: assets/make_tiny.sh, README.md
+        # tiny Stable Diffusion assets/tiny-sd (tiny_sd.py), the paper's two losses (2 processes of 1 thread beat 1
+        # process of 2). The shipped assets/tiny is two runs (a tiny-only distillation stage, then this with the
+        # distillation kept): assets/make_tiny.sh, and its times in README.md
     python train.py --grad_accum=2                    # the same run in one process (same global batch), slower
+    python train.py --warm_steps=1500 --diffusion=False --distill_weight=1   # the distillation stage (distill.py)
     python train.py --sd_path= --kinds=i2t:0.7,qa:0.1,t2i:0.1,story:0.1 --max_steps=1550   # all from scratch
     python train.py --max_steps=50 --eval_interval=25 --out_dir=out-try     # a short try
     python train.py --eval_only=True --init_from=assets/tiny --eval_n=100  # held-out scores as one JSON line

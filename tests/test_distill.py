@@ -5,6 +5,7 @@ import itertools
 import random
 from pathlib import Path
 
+import pytest
 import torch
 
 import data
@@ -70,3 +71,6 @@ def test_drawn_loss_reads_the_story_and_skips_the_unet():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+    out = model(batch)  # with the U-Net: the same conditions, and the diffusion loss beside them
+    assert out["image_loss"] > 0 and torch.equal(out["drawn"], model(batch, draw=False)["drawn"])
+    assert distill.drawn_loss(out, batch["images"], te).item() == pytest.approx(losses[-1], rel=0.5)
