@@ -73,7 +73,7 @@ batch_size = 4             # rows per micro-batch per process
 grad_accum = 1             # micro-batches per step per process; global batch = batch_size * grad_accum * world_size
 num_workers = 0
 # optimisation: AdamW on model.param_groups (per-group lr from the model config, scaled by the schedule)
-max_steps = 2400           # tiny (the recipe's time: README.md, "Training")
+max_steps = 2400           # tiny, one run of the paper's losses (the shipped recipe's stages: assets/make_tiny.sh)
 lr = 0.0                   # 0: the model config's lr / lr_unet / lr_offsets; else one lr scales all three alike
 weight_decay = 0.01
 beta1, beta2, eps = 0.9, 0.99, 1e-8
