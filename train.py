@@ -265,11 +265,14 @@ def main(argv):
                 raise SystemExit(f"error: --{flag} needs the tiny world's --sd_path and documents (its text "
                                  "encoder is the target)")
         text_encoder = TextEncoder.from_pretrained(sd_path).to(device)
+    warm_records = []  # the warm start's progress: printed, and written to log.jsonl once it is open
     if warm_steps and ckpt is None and not eval_only:  # every rank the same steps: the same weights
-        t = time.time()
+        t, rank0 = time.time(), int(os.environ.get("RANK", 0)) == 0
         mse = distill.warm_start(model, text_encoder, warm_steps, warm_batch, warm_lr, seed,
-                                 log=print if int(os.environ.get("RANK", 0)) == 0 else None)
-        print(f"warm start: {warm_steps} steps, condition MSE {mse:.4f}, {time.time() - t:.0f} s")
+                                 log=(lambda r: (print(r), warm_records.append(r))) if rank0 else None)
+        warm_records.append(dict(warm_steps=warm_steps, condition_mse=mse, warm_time=time.time() - t))
+        if rank0:
+            print(f"warm start: {warm_steps} steps, condition MSE {mse:.4f}, {time.time() - t:.0f} s")
 
     # lr=0 keeps the model's per-group learning rates; else lr sets the main one and the others keep their ratio
     scale = lr / mcfg.lr if lr else 1.0
@@ -460,6 +463,10 @@ def main(argv):
         if master:
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
+
+
+    for record in warm_records:
+        log(record)
 
 
     def stop(why, status):

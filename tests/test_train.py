@@ -228,6 +228,8 @@ def test_the_two_stage_recipe(tmp_path):
     run(["--warm_steps=2", "--warm_batch=2", "--diffusion=False", "--distill_weight=1", "--max_steps=2"],
         tmp_path / "s1", small=small)
     run([f"--init_from={tmp_path / 's1'}", "--distill_weight=1", "--max_steps=2"], tmp_path / "s2", small=small)
+    warm = [json.loads(line) for line in open(tmp_path / "s1" / "log.jsonl") if '"warm_steps"' in line]
+    assert len(warm) == 1 and warm[0]["warm_steps"] == 2 and warm[0]["condition_mse"] > 0  # the warm start is logged
     logs = [[json.loads(line) for line in open(tmp_path / s / "log.jsonl") if '"loss"' in line] for s in ("s1", "s2")]
     assert all(r["image_loss"] == 0 and r["distill_loss"] > 0 for r in logs[0])
     assert all(r["image_loss"] > 0 and r["distill_loss"] > 0 for r in logs[1])
