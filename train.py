@@ -548,8 +548,8 @@ def main(argv):
         pbar.set_postfix_str(f"loss {loss_v:.3f} text {text_v:.3f} img {image_v:.4f} distill {distill_v:.4f} "
                              f"{tokens_seen / dt:.0f} tok/s")
         if (step + 1) % log_interval == 0 or step + 1 == max_steps or step == start_step:
-            log(dict(step=step + 1, loss=loss_v, text_loss=text_v, image_loss=image_v, distill_loss=distill_v, lr=lr_now,
-                     tokens_per_s=tokens_seen / dt, images_per_s=images_seen / dt, time=dt))
+            log(dict(step=step + 1, loss=loss_v, text_loss=text_v, image_loss=image_v, distill_loss=distill_v,
+                     lr=lr_now, tokens_per_s=tokens_seen / dt, images_per_s=images_seen / dt, time=dt))
         done = step + 1 == max_steps
         if (ckpt_interval and (step + 1) % ckpt_interval == 0) or done:
             with ctrl_c_deferred():

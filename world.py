@@ -142,24 +142,23 @@ def random_change(rng, scene, split="train"):
 def qa_pair(rng, scene):
     """(question, answer) about one detail of the scene."""
     kind = rng.choice(("colour", "shape", "count", "where"))
-    objects = _objects(scene)
     if kind == "count":
-        return "how many shapes are there?", f"{NUMBERS[len(objects)]}."
-    if kind == "where":
-        i, (c, _) = rng.choice(objects)
-        return f"where is the {c} shape?", f"in the {CELLS[i]}."
-    i = rng.choice(objects)[0] if rng.random() < 0.7 else rng.randrange(GRID * GRID)  # mostly occupied cells
-    obj = scene[i]
-    answer = "nothing" if obj is None else obj[0] if kind == "colour" else f"a {obj[1]}"
-    return f"what {kind} is in the {CELLS[i]}?", f"{answer}."
+        question = "how many shapes are there?"
+    elif kind == "where":
+        question = f"where is the {rng.choice(_objects(scene))[1][0]} shape?"
+    else:
+        i = rng.choice(_objects(scene))[0] if rng.random() < 0.7 else rng.randrange(GRID * GRID)  # mostly occupied
+        question = f"what {kind} is in the {CELLS[i]}?"
+    return question, answer(question, scene)
 
 
-_QUESTION = re.compile(r"what (colour|shape) is in the ([a-z ]+)\?|where is the (\w+) shape\?|how many shapes are there\?")
+_QUESTION = re.compile(r"what (colour|shape) is in the ([a-z ]+)\?|where is the (\w+) shape\?|"
+                       r"how many shapes are there\?")
 
 
 def answer(question, scene):
-    """The answer `qa_pair` gives to a question about a scene, or None if it is not one of its questions (or asks
-    where a colour is that the scene does not hold)."""
+    """The answer to a question of `qa_pair` about a scene, or None if it is not one of its questions (or asks where
+    a colour is that the scene does not hold)."""
     m = _QUESTION.fullmatch(question.strip())
     if m is None or (m[2] is not None and m[2] not in CELLS):
         return None

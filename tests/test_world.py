@@ -94,7 +94,10 @@ def test_answer_inverts_qa_pair():
     for scene in scenes(200):
         q, a = world.qa_pair(rng, scene)
         assert world.answer(q, scene) == a
-    scene = world.make_scene({"centre": ("red", "circle")})
+    scene = world.make_scene({"centre": ("red", "circle"), "top left": ("white", "triangle")})
+    assert [world.answer(q, scene) for q in ("what colour is in the centre?", "what shape is in the top left?",
+            "what colour is in the bottom right?", "where is the white shape?", "how many shapes are there?")] == \
+        ["red.", "a triangle.", "nothing.", "in the top left.", "two."]  # written out, not computed
     assert world.answer("where is the blue shape?", scene) is None  # no blue shape to point at
     assert world.answer("what colour is in the middle?", scene) is None and world.answer("hello?", scene) is None
 
