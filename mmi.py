@@ -192,10 +192,8 @@ PRESETS = {
                       # tiny-only: v-prediction; epsilon draws noise after a few hundred steps at 32 px
                       prediction_type="v_prediction", timestep_spacing="leading", clip_sample=True),
         n_image_tokens=16, max_images=8, image_size=32,
-        # tiny-only: init_std / out_std: from scratch the media must get through from step 0; one head of 64 (the
-        # official head width: qk-norm caps a logit at sqrt(head width), at 16 a query cannot single out a patch)
-        # and cross-attention in both layers (the official has 6): the tokens carry the caption (captioner.py)
-        resampler=dict(dim=64, layers=2, heads=1, ffn=256, cross_every=1, dropout=0.0, init_std=0.125, out_std=0.1),
+        resampler=dict(dim=64, layers=2, heads=4, ffn=256, dropout=0.0,
+                       init_std=0.125, out_std=0.1),  # tiny-only: from scratch the media must get through from step 0
         mmfs=dict(every=2, heads=4, head_dim=16, points=2, offset_init=1.0,
                   gate_init=1.0),  # tiny-only: open gates (a zero-init gate stays near 0 for hundreds of steps)
         decoder=dict(queries=16, dim=64, heads=4, ffn=256, mmfs_heads=4, mmfs_head_dim=16, mmfs_points=2,

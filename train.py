@@ -48,7 +48,6 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-import captioner
 import checkpoints
 import cli
 import data
@@ -93,10 +92,6 @@ threads = 1                # torch CPU threads per process, 0 = torch's default 
 # Diffusion folder of tiny_sd.py, is built on as the paper builds on SD 2.1: its U-Net frozen (--freeze_unet=False
 # fine-tunes it), the null condition from its encoding of ""; --sd_path="" trains everything from scratch
 clip_path = llm_path = ""
-# tiny-only warm start of the image tokenizer (captioner.py): steps in which ViT + adapter + resampler learn to carry
-# the caption in the image tokens alone, through a throwaway 2-layer captioner, before anything else (0: none)
-tokenizer_warm_steps = 0
-tokenizer_warm_batch = 64
 # tiny-only warm start of the decoder's context (distill.py): steps regressing the condition for "<s> caption BoI"
 # onto the sd_path text encoder's encoding of the caption, no U-Net pass, before the joint stage (0: none)
 warm_steps = 0
@@ -130,7 +125,6 @@ RANGES = {  # every numeric knob's valid values (cli.check_ranges), checked befo
     "warmup_steps": ">= 0", "min_lr_ratio": "[0, 1]", "grad_clip": ">= 0", "threads": ">= 0", "log_interval": ">= 1",
     "eval_interval": ">= 0", "eval_n": ">= 0", "eval_seed": ">= 0", "eval_steps": ">= 1", "eval_guidance": ">= 0",
     "ckpt_interval": ">= 0", "warm_steps": ">= 0", "warm_batch": ">= 1", "warm_lr": "> 0", "distill_weight": ">= 0",
-    "tokenizer_warm_steps": ">= 0", "tokenizer_warm_batch": ">= 1",
 }
 # -----------------------------------------------------------------------------
 
@@ -180,11 +174,6 @@ def main(argv):
     if missing:
         raise SystemExit(f"error: --data_paths: no such file: {', '.join(missing)} "
                          "(expects comma-separated .jsonl files)")
-    if tokenizer_warm_steps and not eval_only:
-        if preset == "official" or data_files:
-            raise SystemExit("error: --tokenizer_warm_steps needs the tiny world's documents (it writes their captions)")
-        if init_from:
-            raise SystemExit("error: --tokenizer_warm_steps starts a model from nothing; drop --init_from")
     config = {k: globals()[k] for k in knob_names}  # what the checkpoint and the log record
     if int(os.environ.get("RANK", 0)) == 0:
         for k, v in {**_updates, **model_overrides}.items():
@@ -276,22 +265,13 @@ def main(argv):
                 raise SystemExit(f"error: --{flag} needs the tiny world's --sd_path and documents (its text "
                                  "encoder is the target)")
         text_encoder = TextEncoder.from_pretrained(sd_path).to(device)
-    warm_records = []  # the warm starts' progress: printed, and written to log.jsonl once it is open
-    if tokenizer_warm_steps and ckpt is None and not eval_only:  # every rank the same steps: the same weights
-        t = time.time()
-        loss, exact = captioner.warm_start(model, tokenizer_warm_steps, tokenizer_warm_batch, warm_lr, seed,
-                                           log=(lambda r: (print(r), warm_records.append(r))) if master else None)
-        warm_records.append(dict(tokenizer_warm_steps=tokenizer_warm_steps, caption_loss=loss,
-                                 held_out_caption_exact=exact, tokenizer_warm_time=time.time() - t))
-        if master:
-            print(f"tokenizer warm start: {tokenizer_warm_steps} steps, caption loss {loss:.4f}, held-out captions "
-                  f"{exact:.0%} exact, {time.time() - t:.0f} s")
+    warm_records = []  # the warm start's progress: printed, and written to log.jsonl once it is open
     if warm_steps and ckpt is None and not eval_only:  # every rank the same steps: the same weights
-        t = time.time()
+        t, rank0 = time.time(), int(os.environ.get("RANK", 0)) == 0
         mse = distill.warm_start(model, text_encoder, warm_steps, warm_batch, warm_lr, seed,
-                                 log=(lambda r: (print(r), warm_records.append(r))) if master else None)
+                                 log=(lambda r: (print(r), warm_records.append(r))) if rank0 else None)
         warm_records.append(dict(warm_steps=warm_steps, condition_mse=mse, warm_time=time.time() - t))
-        if master:
+        if rank0:
             print(f"warm start: {warm_steps} steps, condition MSE {mse:.4f}, {time.time() - t:.0f} s")
 
     # lr=0 keeps the model's per-group learning rates; else lr sets the main one and the others keep their ratio

@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # The shipped tiny assets from nothing, on a 2-core CPU (the times of each stage: README.md, "Training"):
 #   1. assets/tiny-sd: a tiny Stable Diffusion (text-to-image U-Net + frozen stand-in text encoder)
-#   2. MM-Interleaved on it, stage 1 (tiny-only, no U-Net pass): the image tokenizer warm-started as a captioner
-#      (captioner.py), the decoder's context warm-started on captions, then
+#   2. MM-Interleaved on it, stage 1 (tiny-only, no U-Net pass): the decoder's context warm-started on captions, then
 #      the text loss plus the condition distillation of every drawn image (distill.py) on the document mixture
 #   3. stage 2, the paper's two losses (the distillation kept as an auxiliary loss): the U-Net's MMFS taps learn
 #      -> assets/tiny. Both MMI stages run as 2 processes of 1 thread.
@@ -14,7 +13,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-out-tiny}
 MMI="env OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 train.py --sd_path=assets/tiny-sd --seed=0"
 OMP_NUM_THREADS=1 python tiny_sd.py --out_dir=assets/tiny-sd --seed=0 --eval_every=0
-$MMI --out_dir="$OUT/stage1" --tokenizer_warm_steps=800 --warm_steps=1500 --diffusion=False --distill_weight=1 \
+$MMI --out_dir="$OUT/stage1" --warm_steps=1500 --diffusion=False --distill_weight=1 \
     --kinds=i2t:0.25,qa:0.3,t2i:0.15,story:0.3 --max_steps=6000 --eval_interval=1000 --eval_kinds=i2t,qa
 $MMI --out_dir="$OUT/stage2" --init_from="$OUT/stage1" --distill_weight=1 --lr=5e-4 \
     --kinds=i2t:0.4,qa:0.25,t2i:0.1,story:0.25 --max_steps=1200 --eval_interval=600

@@ -217,7 +217,7 @@ def test_built_on_a_tiny_stable_diffusion_keeps_its_unet_frozen(tmp_path):
 
 
 def test_the_two_stage_recipe(tmp_path):
-    """assets/make_tiny.sh in small: stage 1 (warm starts, then text + distillation, no U-Net pass) leaves the U-Net's
+    """assets/make_tiny.sh in small: stage 1 (warm start, then text + distillation, no U-Net pass) leaves the U-Net's
     MMFS taps at their zero init; stage 2 (--init_from, the paper's losses + the distillation) trains them."""
     import tiny_sd
     from checkpoints import load
@@ -225,13 +225,11 @@ def test_the_two_stage_recipe(tmp_path):
     tiny_sd.train(out_dir=str(sd), steps=1, batch=2, eval_every=0, final_eval_n=1, eval_steps=1,
                   unet=dict(block_out_channels=[16, 32, 32], attention_head_dim=[1, 2, 2]))
     small = [a for a in SMALL if not a.startswith("--unet.")] + [f"--sd_path={sd}", "--kinds=t2i:0.5,story:0.5"]
-    run(["--tokenizer_warm_steps=2", "--tokenizer_warm_batch=2", "--warm_steps=2", "--warm_batch=2",
-         "--diffusion=False", "--distill_weight=1", "--max_steps=2"], tmp_path / "s1", small=small)
+    run(["--warm_steps=2", "--warm_batch=2", "--diffusion=False", "--distill_weight=1", "--max_steps=2"],
+        tmp_path / "s1", small=small)
     run([f"--init_from={tmp_path / 's1'}", "--distill_weight=1", "--max_steps=2"], tmp_path / "s2", small=small)
     warm = [json.loads(line) for line in open(tmp_path / "s1" / "log.jsonl") if '"warm_steps"' in line]
-    assert len(warm) == 1 and warm[0]["warm_steps"] == 2 and warm[0]["condition_mse"] > 0  # the warm starts are logged
-    warm = [json.loads(line) for line in open(tmp_path / "s1" / "log.jsonl") if '"tokenizer_warm_steps"' in line]
-    assert len(warm) == 1 and warm[0]["caption_loss"] > 0 and 0 <= warm[0]["held_out_caption_exact"] <= 1
+    assert len(warm) == 1 and warm[0]["warm_steps"] == 2 and warm[0]["condition_mse"] > 0  # the warm start is logged
     logs = [[json.loads(line) for line in open(tmp_path / s / "log.jsonl") if '"loss"' in line] for s in ("s1", "s2")]
     assert all(r["image_loss"] == 0 and r["distill_loss"] > 0 for r in logs[0])
     assert all(r["image_loss"] > 0 and r["distill_loss"] > 0 for r in logs[1])
