@@ -1,8 +1,8 @@
 """Do a model's image tokens carry the picture? Three measurements of a model folder (default assets/tiny):
 
     where      "where is the <colour> shape?" for every object of --n held-out scenes: right overall and by the
-               number of shapes k (a model that picks one of the shapes at random scores 1/k), and what a wrong
-               answer names (another shape's cell, an empty cell)
+               number of shapes k (a model that picks one of the shapes at random scores 1/k), what a wrong answer
+               names (another shape's cell, or not), and in how many scenes the answer ignores the colour asked
     probe      a ridge-regression probe of every cell's colour (or "empty") from the image tokens, and from the ViT's
                tokens they are resampled from: fitted on 3000 training scenes, scored on 500 held-out ones (always
                guessing "empty" scores 72%)
@@ -38,20 +38,25 @@ count = Counter()
 rng = random.Random("where")
 for _ in range(args.n):
     scene = world.random_scene(rng, "eval")
-    k, image = sum(o is not None for o in scene), world.render(scene)
+    k, image, answers = sum(o is not None for o in scene), world.render(scene), set()
     for i, (colour, _) in [(i, o) for i, o in enumerate(scene) if o is not None]:
         items = generate(model, [image, f"question: where is the {colour} shape? answer:"], max_new_tokens=8,
                          max_images=0, temperature=0.0)
         answer = next((x for x in items if isinstance(x, str)), "").strip().split(".")[0]
         cell = answer.removeprefix("in the ")
+        answers.add(cell)
         count["asked", k] += 1
         count["right", k] += cell == world.CELLS[i]
         if cell != world.CELLS[i]:
             count["another shape" if cell in world.CELLS and scene[world.CELLS.index(cell)] else "not a shape"] += 1
+    if k > 1:
+        count["scenes"] += 1
+        count["one answer"] += len(answers) == 1
 asked, right = sum(count["asked", k] for k in range(1, 5)), sum(count["right", k] for k in range(1, 5))
 print(f"where: {right}/{asked} right ({right / asked:.1%}); by shapes in the scene: " +
       ", ".join(f"{k}: {count['right', k]}/{count['asked', k]} (chance {1 / k:.0%})" for k in range(1, 5)) +
-      f"; wrong answers name another shape's cell {count['another shape']}, something else {count['not a shape']}")
+      f"; wrong answers name another shape's cell {count['another shape']}, something else {count['not a shape']}; "
+      f"the same answer whatever colour is asked in {count['one answer']} of {count['scenes']} scenes of 2+ shapes")
 
 
 # --- probe -------------------------------------------------------------------------------------------------------

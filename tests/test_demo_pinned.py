@@ -67,9 +67,9 @@ def what_is_asked(prompt):
 
 
 # the prompts the shipped model still gets wrong, each an open target of the tiny recipe (experiments/README.md,
-# "The recipe in stages"); strict: a model that gets one right fails here until it is taken off the list
-WRONG_TODAY = {2: "finding a colour ('where is the white shape?')", 4: "a story's edit needs the same lookup",
-               5: "a story's edit needs the same lookup"}
+# "Finding a colour"); strict: a model that gets one right fails here until it is taken off the list
+WRONG_TODAY = {4: "a story's edit: other shapes turn green, the white square stays",
+               5: "a story's edit: other shapes turn green, the white square stays"}
 
 
 @pytest.mark.parametrize("i", [pytest.param(i, marks=pytest.mark.xfail(strict=True, reason=WRONG_TODAY[i]))
