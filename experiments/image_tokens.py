@@ -35,7 +35,7 @@ vt = model.visual_tokenizer
 
 # --- where -------------------------------------------------------------------------------------------------------
 count = Counter()
-rng = random.Random("where")
+rng = random.Random("where-probe")
 for _ in range(args.n):
     scene = world.random_scene(rng, "eval")
     k, image, answers = sum(o is not None for o in scene), world.render(scene), set()
