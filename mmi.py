@@ -217,10 +217,16 @@ class ResamplerAttention(nn.Module):
         self.q_norm = nn.LayerNorm(hd, eps=QFORMER_EPS) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(hd, eps=QFORMER_EPS) if qk_norm else nn.Identity()
 
+    def heads(self, t):  # (B, L, dim) -> (B, n_heads, L, head_dim)
+        return t.view(t.shape[0], -1, self.n_heads, t.shape[-1] // self.n_heads).transpose(1, 2)
+
+    def queries_keys(self, x, kv):
+        """The (qk-normed) queries and keys, split into heads."""
+        return self.q_norm(self.heads(self.q(x))), self.k_norm(self.heads(self.k(kv)))
+
     def forward(self, x, kv, mask=None):  # x (B, T, dim), kv (B, S, kv_dim), mask (B, S) True = attend
         B, T, C = x.shape
-        heads = lambda t: t.view(B, -1, self.n_heads, C // self.n_heads).transpose(1, 2)  # noqa: E731
-        q, k, v = self.q_norm(heads(self.q(x))), self.k_norm(heads(self.k(kv))), heads(self.v(kv))
+        (q, k), v = self.queries_keys(x, kv), self.heads(self.v(kv))
         m = None if mask is None else mask[:, None, None, :]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=m, dropout_p=self.dropout if self.training else 0.0)
         return self.o(y.transpose(1, 2).reshape(B, T, C))

@@ -91,11 +91,8 @@ entropies = []
 
 
 def entropy_hook(attn, inputs, _):
-    x, kv = inputs[:2]
-    B, T, C = x.shape
-    heads = lambda t: t.view(B, -1, attn.n_heads, C // attn.n_heads).transpose(1, 2)  # noqa: E731
-    q, k = attn.q_norm(heads(attn.q(x))), attn.k_norm(heads(attn.k(kv)))
-    a = (q @ k.transpose(-1, -2) / math.sqrt(C // attn.n_heads)).softmax(-1)          # (B, heads, T, S)
+    q, k = attn.queries_keys(*inputs[:2])
+    a = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)                 # (B, heads, T, S)
     entropies.append((-(a * a.clamp_min(1e-12).log()).sum(-1).mean().item(), a.shape[-1]))
 
 
