@@ -65,6 +65,18 @@ def test_resume_is_exact(tmp_path):
     assert all(int(m, 8) & readable == readable for m in modes.values()), modes
 
 
+def test_evaluations_do_not_change_the_training(tmp_path):
+    """The recipe's evaluation schedule is a choice of what to log: a run evaluated every 2 steps (text and pictures)
+    ends with the same weights as one evaluated only at the end (the evaluation draws from its own generator)."""
+    common = ["--batch_size=2", "--warmup_steps=2", "--max_steps=4", "--eval_n=1", "--eval_kinds=qa,story",
+              "--eval_steps=2"]
+    run([*common, "--eval_interval=2"], tmp_path / "evaluated")
+    run([*common, "--eval_interval=0"], tmp_path / "plain")
+    assert sum("eval" in json.loads(x) for x in open(tmp_path / "evaluated" / "log.jsonl")) == 2
+    assert losses(tmp_path / "evaluated") == losses(tmp_path / "plain")
+    assert_same_weights(weights(tmp_path / "evaluated"), weights(tmp_path / "plain"), 0.0)
+
+
 def test_corrupt_checkpoint_is_one_clear_error(tmp_path):
     out = tmp_path / "c"
     out.mkdir()
