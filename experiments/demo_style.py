@@ -42,11 +42,10 @@ def text_after(prompt):
 
 
 def drawn_right(picture, scene):
-    return world.parse_image(picture) == scene
+    return world.score({"kind": "t2i", "scene": scene}, picture)["exact"] == 1
 
 
-rng, right, all_five = random.Random("demo-style"), Counter(), 0
-scenes = 0
+rng, right, all_five, scenes = random.Random("demo-style"), Counter(), 0, 0
 while scenes < args.n:
     scene = world.random_scene(rng, "eval")
     steps = []  # two changes that stay in the eval split, as the demo's story
