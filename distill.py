@@ -92,7 +92,8 @@ def warm_start(model, text_encoder, steps, batch=32, lr=1e-3, seed=0, log=None):
     10%), the model's parameter groups at one learning rate. Only the LLM and the decoder's context (projection and
     resampler) get gradients; returns the last loss."""
     model.train()
-    opt = torch.optim.AdamW(model.param_groups(0.01, lr, lr, lr), betas=(0.9, 0.99))  # no grad: AdamW skips it
+    fused = model.boi.device.type in ("cpu", "cuda")  # one kernel for every parameter, as train.py
+    opt = torch.optim.AdamW(model.param_groups(0.01, lr, lr, lr), betas=(0.9, 0.99), fused=fused)  # no grad: skipped
     rng, loss = random.Random(f"warm:{seed}"), None
     for step in range(steps):
         for g in opt.param_groups:
