@@ -1,5 +1,8 @@
 """Where a model's held-out answers go wrong: questions by kind, and a story's next picture by the cells its sentence
-changes and the cells it keeps.
+changes and the cells it keeps; and which side of the model a wrong picture comes from: the decoder's condition (the
+LLM reading the sentence and the previous picture) is compared with the tiny SD text encoding of every scene one change
+away from the previous one (distill.py's set-matched distance), so "nearest the right scene" says the LLM side
+applied the right change.
 
     python experiments/errors.py [CKPT] [--n=50]     # default assets/tiny; the held-out examples of train.py's eval
 
@@ -15,12 +18,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import checkpoints  # noqa: E402
+import data  # noqa: E402
+import distill  # noqa: E402
 import world  # noqa: E402
 from generate import SAMPLING, draw_image, generate  # noqa: E402
+from tiny_sd import TextEncoder  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("ckpt", nargs="?", default=str(Path(__file__).resolve().parent.parent / "assets" / "tiny"))
 p.add_argument("--n", type=int, default=50)
+p.add_argument("--sd_path", default=str(Path(__file__).resolve().parent.parent / "assets" / "tiny-sd"),
+               help="the tiny SD whose text encoder is the condition's target")
 args = p.parse_args()
 torch.set_num_threads(1)
 model = checkpoints.build_model(ckpt=args.ckpt).eval()
@@ -37,11 +45,32 @@ for ex in world.eval_examples("qa", args.n):
     right[kind] += world.score(ex, answer)["exact"]
 print("questions right, by kind:", ", ".join(f"{k} {right[k]:.0f}/{asked[k]}" for k in sorted(asked)))
 
-wrong = Counter()
+text_encoder = TextEncoder.from_pretrained(args.sd_path)
+
+
+@torch.no_grad()
+def condition_nearest(prompt, after, before):
+    """The scene (before, or one change of it) whose text encoding is nearest the condition for `after`'s picture."""
+    ids, images = data.tokenize_document(prompt + [world.render(after)], model.tok, model.cfg.n_image_tokens,
+                                         eos=False)
+    batch = {"tokens": torch.tensor([ids]), "doc_ids": torch.zeros(1, len(ids), dtype=torch.long),
+             "images": torch.stack(images)}
+    cond = model(batch, draw=False)["cond"][-1:]                                 # (1, Q, C): the last picture's
+    scenes = [before] + [scene for options in world.changes(before).values() for _, scene in options]
+    targets = text_encoder.encode([world.caption(scene) for scene in scenes]).to(cond)
+    distance = [distill.set_mse(cond, target[None]).item() for target in targets]
+    return scenes[distance.index(min(distance))]
+
+
+wrong, sides = Counter(), Counter()
 opts["generator"].manual_seed(0)
 for ex in world.eval_examples("story", args.n):
     drawn = world.parse_image(draw_image(model, ex["prompt"], **opts))
     before, after = world.parse_image(ex["prompt"][-2]), ex["scene"]
+    right_change = condition_nearest(ex["prompt"], after, before) == after
+    sides["condition right"] += right_change
+    sides["drawn exact"] += drawn == after
+    sides["both"] += right_change and drawn == after
     for i in range(world.GRID * world.GRID):
         kind = "changed" if after[i] != before[i] else "kept" if after[i] is not None else None
         if kind:
@@ -49,3 +78,6 @@ for ex in world.eval_examples("story", args.n):
             wrong[kind, "wrong"] += drawn[i] != after[i]
 print(f"story cells drawn wrong: {wrong['changed', 'wrong']}/{wrong['changed', 'n']} of those the sentence changes, "
       f"{wrong['kept', 'wrong']}/{wrong['kept', 'n']} of the occupied cells it keeps")
+print(f"story, the side of the model: condition nearest the right scene {sides['condition right']}/{args.n} (the LLM "
+      f"side), drawn exact {sides['drawn exact']}/{args.n}, exact with the condition right {sides['both']}/"
+      f"{sides['condition right']}")
