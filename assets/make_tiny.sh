@@ -10,8 +10,8 @@
 #   6. stage 5, stage 2 again, shorter, the distillation at weight 3: a lone picture is captioned again, the U-Net
 #      taps follow -> assets/tiny.
 #   The MMI stages run as 2 processes of 1 thread.
-# The shipped stage 4 also evaluated at steps 1000 and 2000 (--eval_interval=1000: its log has the curve); an
-# evaluation does not change the weights (tests/test_train.py).
+# The shipped stage 4 also evaluated at steps 1500 and 3000 (--eval_interval=1500: its log has the curve); an
+# evaluation does not change the weights (tests/test_train.py). Stages 2 and 5 evaluate once, at their end.
 # Each stage keeps its log beside its weights (assets/tiny-sd/log.jsonl, assets/tiny/log-stage1.jsonl ...
 # log-stage5.jsonl). assets/world.model, the tokenizer, is built by assets/make_world_tokenizer.py (needs
 # sentencepiece, a test-only dependency) and is not rebuilt here.
@@ -20,16 +20,16 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-out-tiny}
 MMI="env OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 train.py --sd_path=assets/tiny-sd --seed=0"
 OMP_NUM_THREADS=1 python tiny_sd.py --out_dir=assets/tiny-sd --seed=0 --eval_every=0
-$MMI --out_dir="$OUT/stage1" --warm_steps=1500 --diffusion=False --distill_weight=1 \
-    --kinds=i2t:0.25,qa:0.3,t2i:0.15,story:0.3 --max_steps=6000 --eval_interval=1000 --eval_kinds=i2t,qa
+$MMI --out_dir="$OUT/stage1" --warm_steps=1000 --diffusion=False --distill_weight=1 \
+    --kinds=i2t:0.25,qa:0.3,t2i:0.15,story:0.3 --max_steps=5500 --eval_interval=1000 --eval_kinds=i2t,qa
 $MMI --out_dir="$OUT/stage2" --init_from="$OUT/stage1" --distill_weight=1 --lr=5e-4 \
-    --kinds=i2t:0.4,qa:0.25,t2i:0.1,story:0.25 --max_steps=1200 --eval_interval=600
+    --kinds=i2t:0.4,qa:0.25,t2i:0.1,story:0.25 --max_steps=1200
 $MMI --out_dir="$OUT/stage3" --init_from="$OUT/stage2" --diffusion=False --lr=5e-4 \
     --kinds=qa:1 --max_steps=2000 --eval_interval=500 --eval_kinds=qa
 $MMI --out_dir="$OUT/stage4" --init_from="$OUT/stage3" --diffusion=False --distill_weight=3 --lr=5e-4 \
-    --kinds=qa:0.5,story:0.5 --max_steps=3000 --eval_kinds=qa,story
+    --kinds=qa:0.5,story:0.5 --max_steps=4500 --eval_kinds=qa,story
 $MMI --out_dir="$OUT/stage5" --init_from="$OUT/stage4" --distill_weight=3 --lr=5e-4 \
-    --kinds=i2t:0.4,qa:0.25,t2i:0.1,story:0.25 --max_steps=600 --eval_interval=600
+    --kinds=i2t:0.4,qa:0.25,t2i:0.1,story:0.25 --max_steps=600
 mkdir -p assets/tiny
 cp "$OUT/stage5/model.safetensors" "$OUT/stage5/config.json" assets/tiny/
 for i in 1 2 3 4 5; do cp "$OUT/stage$i/log.jsonl" "assets/tiny/log-stage$i.jsonl"; done
