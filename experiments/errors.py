@@ -6,8 +6,9 @@ applied the right change.
 
     python experiments/errors.py [CKPT] [--n=50]     # default assets/tiny; the held-out examples of train.py's eval
 
-Greedy text, DDIM 25, guidance 2 (the demo's sampling), eval seed 0: the same examples and draws as
-`train.py --eval_only=True`.
+Greedy text, DDIM 25, guidance 2 (the demo's sampling), eval seed 0: the same examples as `train.py --eval_only=True`
+and the same answers; the stories' noise is seeded afresh here, so a story count may differ from train.py's by a
+draw or two.
 """
 import argparse
 import sys
