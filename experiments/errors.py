@@ -2,9 +2,11 @@
 changes and the cells it keeps; and which side of the model a wrong picture comes from: the decoder's condition (the
 LLM reading the sentence and the previous picture) is compared with the tiny SD text encoding of every scene one change
 away from the previous one (distill.py's set-matched distance), so "nearest the right scene" says the LLM side
-applied the right change.
+applied the right change; and each slot of the condition is read back as its nearest phrase token (one object, or
+<pad>), so "reads back as the right objects" says every object, kept or changed, is written right.
 
     python experiments/errors.py [CKPT] [--n=50]     # default assets/tiny; the held-out examples of train.py's eval
+    python experiments/errors.py --split=train --n=100   # the conditions only, for stories of training scenes
 
 Greedy text, DDIM 25, guidance 2 (the demo's sampling), eval seed 0: the same examples as `train.py --eval_only=True`
 and the same answers; the stories' noise is seeded afresh here, so a story count may differ from train.py's by a
@@ -30,6 +32,8 @@ p.add_argument("ckpt", nargs="?", default=str(Path(__file__).resolve().parent.pa
 p.add_argument("--n", type=int, default=50)
 p.add_argument("--sd_path", default=str(Path(__file__).resolve().parent.parent / "assets" / "tiny-sd"),
                help="the tiny SD whose text encoder is the condition's target")
+p.add_argument("--split", choices=["eval", "train"], default="eval",
+               help="train: stories of training scenes (seeded), the condition's read-back only")
 args = p.parse_args()
 torch.set_num_threads(1)
 model = checkpoints.build_model(ckpt=args.ckpt).eval()
@@ -37,30 +41,64 @@ opts = dict(temperature=0.0, steps=SAMPLING["steps"], sampler=SAMPLING["sampler"
             generator=torch.Generator().manual_seed(0))
 
 right, asked = Counter(), Counter()
-for ex in world.eval_examples("qa", args.n):
+for ex in world.eval_examples("qa", args.n) if args.split == "eval" else []:
     question = ex["prompt"][1].removeprefix("question: ").removesuffix(" answer:")
     kind = question.split()[0] if not question.startswith("what") else " ".join(question.split()[:2])
     items = generate(model, ex["prompt"], max_new_tokens=20, max_images=0, **opts)
     answer = next((x for x in items if isinstance(x, str)), "")
     asked[kind] += 1
     right[kind] += world.score(ex, answer)["exact"]
-print("questions right, by kind:", ", ".join(f"{k} {right[k]:.0f}/{asked[k]}" for k in sorted(asked)))
+if asked:
+    print("questions right, by kind:", ", ".join(f"{k} {right[k]:.0f}/{asked[k]}" for k in sorted(asked)))
 
 text_encoder = TextEncoder.from_pretrained(args.sd_path)
 
 
+phrases = [(colour, shape, cell) for colour in world.COLOURS for shape in world.SHAPES for cell in world.CELLS]
+tokens = torch.cat([text_encoder.encode([f"a {c} {s} in the {cell}." for c, s, cell in phrases])[:, 0],
+                    text_encoder.encode([""])[:, 0]])                            # every one-object token, then <pad>
+
+
 @torch.no_grad()
-def condition_nearest(prompt, after, before):
-    """The scene (before, or one change of it) whose text encoding is nearest the condition for `after`'s picture."""
+def condition(prompt, after):
+    """The decoder's condition [1, Q, C] for `after`'s picture, drawn after `prompt`."""
     ids, images = data.tokenize_document(prompt + [world.render(after)], model.tok, model.cfg.n_image_tokens,
                                          eos=False)
     batch = {"tokens": torch.tensor([ids]), "doc_ids": torch.zeros(1, len(ids), dtype=torch.long),
              "images": torch.stack(images)}
-    cond = model(batch, draw=False)["cond"][-1:]                                 # (1, Q, C): the last picture's
+    return model(batch, draw=False)["cond"][-1:]                                 # (1, Q, C): the last picture's
+
+
+def nearest_scene(cond, before):
+    """The scene (before, or one change of it) whose text encoding is nearest the condition."""
     scenes = [before] + [scene for options in world.changes(before).values() for _, scene in options]
     targets = text_encoder.encode([world.caption(scene) for scene in scenes]).to(cond)
     distance = [distill.set_mse(cond, target[None]).item() for target in targets]
     return scenes[distance.index(min(distance))]
+
+
+def read_back(cond):
+    """The condition's slots, each read as its nearest token -> the scene they describe (None: two slots name one
+    cell, or a slot reads as no object's token)."""
+    scene = [None] * world.GRID * world.GRID
+    for i in torch.cdist(cond[0].float(), tokens.float()).argmin(1).tolist():
+        if i < len(phrases):
+            colour, shape, cell = phrases[i]
+            if scene[world.CELLS.index(cell)] is not None:
+                return None
+            scene[world.CELLS.index(cell)] = (colour, shape)
+    return tuple(scene)
+
+
+if args.split == "train":
+    rng, n_read = __import__("random").Random(0), 0
+    for _ in range(args.n):
+        doc = [None]
+        while len(doc) < 3:  # a story with at least one change
+            doc = world.synthetic_document(rng, "story")
+        n_read += read_back(condition(doc[:-1], world.parse_image(doc[-1]))) == world.parse_image(doc[-1])
+    print(f"stories of training scenes: the condition reads back as the right objects {n_read}/{args.n}")
+    sys.exit()
 
 
 wrong, sides = Counter(), Counter()
@@ -68,8 +106,10 @@ opts["generator"].manual_seed(0)
 for ex in world.eval_examples("story", args.n):
     drawn = world.parse_image(draw_image(model, ex["prompt"], **opts))
     before, after = world.parse_image(ex["prompt"][-2]), ex["scene"]
-    right_change = condition_nearest(ex["prompt"], after, before) == after
+    cond = condition(ex["prompt"], after)
+    right_change = nearest_scene(cond, before) == after
     sides["condition right"] += right_change
+    sides["read back"] += read_back(cond) == after
     sides["drawn exact"] += drawn == after
     sides["both"] += right_change and drawn == after
     for i in range(world.GRID * world.GRID):
@@ -81,4 +121,4 @@ print(f"story cells drawn wrong: {wrong['changed', 'wrong']}/{wrong['changed', '
       f"{wrong['kept', 'wrong']}/{wrong['kept', 'n']} of the occupied cells it keeps")
 print(f"story, the side of the model: condition nearest the right scene {sides['condition right']}/{args.n} (the LLM "
       f"side), drawn exact {sides['drawn exact']}/{args.n}, exact with the condition right {sides['both']}/"
-      f"{sides['condition right']}")
+      f"{sides['condition right']}; the condition reads back as the right objects {sides['read back']}/{args.n}")
