@@ -64,6 +64,27 @@ def set_mse(cond, target):
     return (cond - target.gather(1, order[..., None].expand_as(target))).square().mean()
 
 
+def object_tokens(text_encoder):
+    """The text encoder's token for every one-object phrase, then <pad>'s -> ([(colour, shape, cell)], [n + 1, C])."""
+    objects = [(c, s, cell) for c in world.COLOURS for s in world.SHAPES for cell in world.CELLS]
+    phrases = [f"a {c} {s} in the {cell}." for c, s, cell in objects]
+    return objects, torch.cat([text_encoder.encode(phrases)[:, 0], text_encoder.encode([""])[:, 0]])
+
+
+def read_back(cond, text_encoder):
+    """A condition [Q, C] read as a scene: each slot as its nearest token (an object or <pad>). None if two slots
+    name one cell. The inverse of the distillation's target, to see what a condition says."""
+    objects, tokens = object_tokens(text_encoder)
+    scene = [None] * world.GRID * world.GRID
+    for i in torch.cdist(cond.float(), tokens.to(cond.device).float()).argmin(1).tolist():
+        if i < len(objects):
+            colour, shape, cell = objects[i]
+            if scene[world.CELLS.index(cell)] is not None:
+                return None
+            scene[world.CELLS.index(cell)] = (colour, shape)
+    return tuple(scene)
+
+
 def condition_loss(model, text_encoder, captions):
     """The decoder's conditions for standalone "<s> caption BoI" documents (no image anywhere: the LLM's MMFS reads
     its null key) against the text encoder's encodings of the captions, set-matched."""

@@ -13,6 +13,7 @@ and the same answers; the stories' noise is seeded afresh here, so a story count
 draw or two.
 """
 import argparse
+import random
 import sys
 from collections import Counter
 from pathlib import Path
@@ -54,11 +55,6 @@ if asked:
 text_encoder = TextEncoder.from_pretrained(args.sd_path)
 
 
-phrases = [(colour, shape, cell) for colour in world.COLOURS for shape in world.SHAPES for cell in world.CELLS]
-tokens = torch.cat([text_encoder.encode([f"a {c} {s} in the {cell}." for c, s, cell in phrases])[:, 0],
-                    text_encoder.encode([""])[:, 0]])                            # every one-object token, then <pad>
-
-
 @torch.no_grad()
 def condition(prompt, after):
     """The decoder's condition [1, Q, C] for `after`'s picture, drawn after `prompt`."""
@@ -77,26 +73,14 @@ def nearest_scene(cond, before):
     return scenes[distance.index(min(distance))]
 
 
-def read_back(cond):
-    """The condition's slots, each read as its nearest token -> the scene they describe (None: two slots name one
-    cell, or a slot reads as no object's token)."""
-    scene = [None] * world.GRID * world.GRID
-    for i in torch.cdist(cond[0].float(), tokens.float()).argmin(1).tolist():
-        if i < len(phrases):
-            colour, shape, cell = phrases[i]
-            if scene[world.CELLS.index(cell)] is not None:
-                return None
-            scene[world.CELLS.index(cell)] = (colour, shape)
-    return tuple(scene)
-
-
 if args.split == "train":
-    rng, n_read = __import__("random").Random(0), 0
+    rng, n_read = random.Random(0), 0
     for _ in range(args.n):
         doc = [None]
         while len(doc) < 3:  # a story with at least one change
             doc = world.synthetic_document(rng, "story")
-        n_read += read_back(condition(doc[:-1], world.parse_image(doc[-1]))) == world.parse_image(doc[-1])
+        after = world.parse_image(doc[-1])
+        n_read += distill.read_back(condition(doc[:-1], after)[0], text_encoder) == after
     print(f"stories of training scenes: the condition reads back as the right objects {n_read}/{args.n}")
     sys.exit()
 
@@ -109,7 +93,7 @@ for ex in world.eval_examples("story", args.n):
     cond = condition(ex["prompt"], after)
     right_change = nearest_scene(cond, before) == after
     sides["condition right"] += right_change
-    sides["read back"] += read_back(cond) == after
+    sides["read back"] += distill.read_back(cond[0], text_encoder) == after
     sides["drawn exact"] += drawn == after
     sides["both"] += right_change and drawn == after
     for i in range(world.GRID * world.GRID):

@@ -1,5 +1,5 @@
 """Condition distillation (distill.py): the assignment is the minimum-cost one, the set-matched loss ignores the
-order of the targets, and a few steps on the shipped tiny SD's text encoder lower it, for the warm start on captions
+order of the targets, a text encoding reads back as its scene, and a few steps on the shipped tiny SD's text encoder lower it, for the warm start on captions
 and for every drawn image of training rows (MMI.forward(batch, draw=False))."""
 import itertools
 import random
@@ -32,6 +32,16 @@ def test_set_mse_ignores_the_order_of_the_targets():
     shuffled = torch.stack([c[torch.randperm(6)] for c in cond])
     assert distill.set_mse(cond, shuffled).item() < 1e-12
     assert distill.set_mse(cond, shuffled + 0.1).item() > 0
+
+
+def test_read_back_inverts_the_text_encoding():
+    encoder, rng = TextEncoder.from_pretrained(SD), random.Random(0)
+    scenes = [world.random_scene(rng) for _ in range(20)]
+    for scene, cond in zip(scenes, encoder.encode([world.caption(s) for s in scenes])):
+        assert distill.read_back(cond[torch.randperm(len(cond))], encoder) == scene  # slot order: irrelevant
+    blue = encoder.encode(["a blue circle in the centre."])[0]
+    assert distill.read_back(blue, encoder) == world.make_scene({"centre": ("blue", "circle")})
+    assert distill.read_back(torch.cat([blue[:1], blue[:1]]), encoder) is None  # two slots name one cell
 
 
 def test_warm_start_lowers_the_condition_loss():
