@@ -20,6 +20,7 @@ import random
 
 import torch
 
+import data
 import world
 
 
@@ -62,6 +63,17 @@ def set_mse(cond, target):
     cost = torch.cdist(cond.detach().float(), target.float()).square()          # (n, Q, Q)
     order = torch.tensor([assignment(c.tolist()) for c in cost], device=target.device)
     return (cond - target.gather(1, order[..., None].expand_as(target))).square().mean()
+
+
+@torch.no_grad()
+def condition_after(model, context, scene):
+    """The decoder's condition [Q, C] for the picture of `scene` drawn after `context` (document items)."""
+    ids, images = data.tokenize_document(context + [world.render(scene)], model.tok, model.cfg.n_image_tokens,
+                                         eos=False)
+    dev = model.boi.device
+    batch = {"tokens": torch.tensor([ids], device=dev), "doc_ids": torch.zeros(1, len(ids), dtype=torch.long,
+             device=dev), "images": torch.stack(images).to(dev)}
+    return model(batch, draw=False)["cond"][-1]                                  # the last picture's
 
 
 def object_tokens(text_encoder):

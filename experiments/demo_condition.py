@@ -17,7 +17,6 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import checkpoints  # noqa: E402
-import data  # noqa: E402
 import distill  # noqa: E402
 import world  # noqa: E402
 from generate import SAMPLING, draw_image  # noqa: E402
@@ -53,15 +52,6 @@ def pictures_to_draw(prompt):
     return out
 
 
-@torch.no_grad()
-def condition(context, scene):
-    ids, images = data.tokenize_document(context + [world.render(scene)], model.tok, model.cfg.n_image_tokens,
-                                         eos=False)
-    batch = {"tokens": torch.tensor([ids]), "doc_ids": torch.zeros(1, len(ids), dtype=torch.long),
-             "images": torch.stack(images)}
-    return model(batch, draw=False)["cond"][-1]                                  # (Q, C): the last picture's
-
-
 def drawn(context, cond=None):
     """The scene drawn after context (noise seed 0), with the decoder's condition replaced by cond if given."""
     own = decoder.condition
@@ -78,7 +68,7 @@ name = lambda i: "<pad>" if i == len(objects) else "%s %s in the %s" % objects[i
 chunks = [re.sub(r"^#.*\n", "", c.strip()) for c in Path(args.prompts).read_text().split("\n---\n")]
 for k, prompt in enumerate(chunks, 1):
     for j, (context, scene) in enumerate(pictures_to_draw(prompt), 1):
-        cond = condition(context, scene)
+        cond = distill.condition_after(model, context, scene)
         print(f"prompt {k}, picture {j}: should show {world.caption(scene)}")
         d = torch.cdist(cond.float(), tokens.float())                            # (Q, objects + 1)
         for slot in range(len(cond)):

@@ -22,7 +22,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import checkpoints  # noqa: E402
-import data  # noqa: E402
 import distill  # noqa: E402
 import world  # noqa: E402
 from generate import SAMPLING, draw_image, generate  # noqa: E402
@@ -55,16 +54,6 @@ if asked:
 text_encoder = TextEncoder.from_pretrained(args.sd_path)
 
 
-@torch.no_grad()
-def condition(prompt, after):
-    """The decoder's condition [1, Q, C] for `after`'s picture, drawn after `prompt`."""
-    ids, images = data.tokenize_document(prompt + [world.render(after)], model.tok, model.cfg.n_image_tokens,
-                                         eos=False)
-    batch = {"tokens": torch.tensor([ids]), "doc_ids": torch.zeros(1, len(ids), dtype=torch.long),
-             "images": torch.stack(images)}
-    return model(batch, draw=False)["cond"][-1:]                                 # (1, Q, C): the last picture's
-
-
 def nearest_scene(cond, before):
     """The scene (before, or one change of it) whose text encoding is nearest the condition."""
     scenes = [before] + [scene for options in world.changes(before).values() for _, scene in options]
@@ -80,7 +69,7 @@ if args.split == "train":
         while len(doc) < 3:  # a story with at least one change
             doc = world.synthetic_document(rng, "story")
         after = world.parse_image(doc[-1])
-        n_read += distill.read_back(condition(doc[:-1], after)[0], text_encoder) == after
+        n_read += distill.read_back(distill.condition_after(model, doc[:-1], after), text_encoder) == after
     print(f"stories of training scenes: the condition reads back as the right objects {n_read}/{args.n}")
     sys.exit()
 
@@ -90,7 +79,7 @@ opts["generator"].manual_seed(0)
 for ex in world.eval_examples("story", args.n):
     drawn = world.parse_image(draw_image(model, ex["prompt"], **opts))
     before, after = world.parse_image(ex["prompt"][-2]), ex["scene"]
-    cond = condition(ex["prompt"], after)
+    cond = distill.condition_after(model, ex["prompt"], after)[None]
     right_change = nearest_scene(cond, before) == after
     sides["condition right"] += right_change
     sides["read back"] += distill.read_back(cond[0], text_encoder) == after
