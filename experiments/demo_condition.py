@@ -78,4 +78,5 @@ for k, prompt in enumerate(chunks, 1):
         exact = text_encoder.encode([world.caption(scene)])[0].to(cond)
         for what, c in (("the model's condition", None), ("the exact encoding", exact)):
             got = drawn(context, c)
-            print(f"  drawn with {what}: " + ("exact" if got == scene else world.caption(got) if any(got) else "nothing"))
+            said = "exact" if got == scene else world.caption(got) if any(got) else "nothing"
+            print(f"  drawn with {what}: {said}")

@@ -1,6 +1,6 @@
 """Condition distillation (distill.py): the assignment is the minimum-cost one, the set-matched loss ignores the
-order of the targets, a text encoding reads back as its scene, and a few steps on the shipped tiny SD's text encoder lower it, for the warm start on captions
-and for every drawn image of training rows (MMI.forward(batch, draw=False))."""
+order of the targets, a text encoding reads back as its scene, and a few steps on the shipped tiny SD's text encoder
+lower it, for the warm start on captions and for every drawn image of training rows (MMI.forward(batch, draw=False))."""
 import itertools
 import random
 from pathlib import Path
