@@ -55,10 +55,10 @@ text_encoder = TextEncoder.from_pretrained(args.sd_path)
 
 
 def nearest_scene(cond, before):
-    """The scene (before, or one change of it) whose text encoding is nearest the condition."""
+    """The scene (before, or one change of it) whose text encoding is nearest the condition [Q, C]."""
     scenes = [before] + [scene for options in world.changes(before).values() for _, scene in options]
     targets = text_encoder.encode([world.caption(scene) for scene in scenes]).to(cond)
-    distance = [distill.set_mse(cond, target[None]).item() for target in targets]
+    distance = [distill.set_mse(cond[None], target[None]).item() for target in targets]
     return scenes[distance.index(min(distance))]
 
 
@@ -79,10 +79,10 @@ opts["generator"].manual_seed(0)
 for ex in world.eval_examples("story", args.n):
     drawn = world.parse_image(draw_image(model, ex["prompt"], **opts))
     before, after = world.parse_image(ex["prompt"][-2]), ex["scene"]
-    cond = distill.condition_after(model, ex["prompt"], after)[None]
+    cond = distill.condition_after(model, ex["prompt"], after)
     right_change = nearest_scene(cond, before) == after
     sides["condition right"] += right_change
-    sides["read back"] += distill.read_back(cond[0], text_encoder) == after
+    sides["read back"] += distill.read_back(cond, text_encoder) == after
     sides["drawn exact"] += drawn == after
     sides["both"] += right_change and drawn == after
     for i in range(world.GRID * world.GRID):
