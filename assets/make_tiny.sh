@@ -5,13 +5,12 @@
 #      the text loss plus the condition distillation of every drawn image (distill.py) on the document mixture
 #   3. stage 2, the paper's two losses (the distillation kept as an auxiliary loss): the U-Net's MMFS taps learn
 #   4. stage 3 (tiny-only): questions only, the text loss only: finding a named colour ("where is the red shape?")
-#   5. stage 4 (tiny-only): questions and stories, the distillation (weight 3) for the stories: the same lookup
-#      for an edit
+#   5. stage 4 (tiny-only): a quarter questions, three quarters stories, the distillation (weight 3) for the
+#      stories: the same lookup for an edit
 #   6. stage 5, stage 2 again, shorter, the distillation at weight 3: a lone picture is captioned again, the U-Net
 #      taps follow -> assets/tiny.
 #   The MMI stages run as 2 processes of 1 thread.
-# The shipped stage 4 also evaluated at steps 1500 and 3000 (--eval_interval=1500: its log has the curve); an
-# evaluation does not change the weights (tests/test_train.py). Stages 2 and 5 evaluate once, at their end.
+# Stages 2, 4 and 5 evaluate once, at their end; an evaluation does not change the weights (tests/test_train.py).
 # Each stage keeps its log beside its weights (assets/tiny-sd/log.jsonl, assets/tiny/log-stage1.jsonl ...
 # log-stage5.jsonl). assets/world.model, the tokenizer, is built by assets/make_world_tokenizer.py (needs
 # sentencepiece, a test-only dependency) and is not rebuilt here.
@@ -27,7 +26,7 @@ $MMI --out_dir="$OUT/stage2" --init_from="$OUT/stage1" --distill_weight=1 --lr=5
 $MMI --out_dir="$OUT/stage3" --init_from="$OUT/stage2" --diffusion=False --lr=5e-4 \
     --kinds=qa:1 --max_steps=2000 --eval_interval=500 --eval_kinds=qa
 $MMI --out_dir="$OUT/stage4" --init_from="$OUT/stage3" --diffusion=False --distill_weight=3 --lr=5e-4 \
-    --kinds=qa:0.5,story:0.5 --max_steps=4500 --eval_kinds=qa,story
+    --kinds=qa:0.25,story:0.75 --max_steps=4500 --eval_kinds=qa,story
 $MMI --out_dir="$OUT/stage5" --init_from="$OUT/stage4" --distill_weight=3 --lr=5e-4 \
     --kinds=i2t:0.4,qa:0.25,t2i:0.1,story:0.25 --max_steps=600
 mkdir -p assets/tiny
