@@ -10,7 +10,9 @@
 #   6. stage 5, stage 2 again, shorter, the distillation at weight 3: a lone picture is captioned again, the U-Net
 #      taps follow -> assets/tiny.
 #   The MMI stages run as 2 processes of 1 thread.
-# Stages 2, 4 and 5 evaluate once, at their end; an evaluation does not change the weights (tests/test_train.py).
+# The shipped stage 4 also evaluated at steps 1500 and 3000 (--eval_interval=1500: its log has the curve); an
+# evaluation does not change the weights (tests/test_train.py; the shipped stage 4 run with and without them wrote
+# byte-identical weights). Stages 2 and 5 evaluate once, at their end.
 # Each stage keeps its log beside its weights (assets/tiny-sd/log.jsonl, assets/tiny/log-stage1.jsonl ...
 # log-stage5.jsonl). assets/world.model, the tokenizer, is built by assets/make_world_tokenizer.py (needs
 # sentencepiece, a test-only dependency) and is not rebuilt here.
