@@ -3,7 +3,8 @@ changes and the cells it keeps; and which side of the model a wrong picture come
 LLM reading the sentence and the previous picture) is compared with the tiny SD text encoding of every scene one change
 away from the previous one (distill.py's set-matched distance), so "nearest the right scene" says the LLM side
 applied the right change; and each slot of the condition is read back as its nearest phrase token (one object, or
-<pad>), so "reads back as the right objects" says every object, kept or changed, is written right.
+<pad>), so "reads back as the right objects" says every object, kept or changed, is written right. The stories are
+also split by how many objects the picture before the sentence holds (1 to 4).
 
     python experiments/errors.py [CKPT] [--n=50]     # default assets/tiny; the held-out examples of train.py's eval
     python experiments/errors.py --split=train --n=100   # the conditions only, for stories of training scenes
@@ -74,7 +75,7 @@ if args.split == "train":
     sys.exit()
 
 
-wrong, sides = Counter(), Counter()
+wrong, sides, by_objects = Counter(), Counter(), Counter()
 opts["generator"].manual_seed(0)
 for ex in world.eval_examples("story", args.n):
     drawn = world.parse_image(draw_image(model, ex["prompt"], **opts))
@@ -82,7 +83,12 @@ for ex in world.eval_examples("story", args.n):
     cond = distill.condition_after(model, ex["prompt"], after)
     right_change = nearest_scene(cond, before) == after
     sides["condition right"] += right_change
-    sides["read back"] += distill.read_back(cond, text_encoder) == after
+    read_back = distill.read_back(cond, text_encoder) == after
+    sides["read back"] += read_back
+    n_before = sum(obj is not None for obj in before)  # objects in the picture the sentence changes
+    by_objects[n_before, "n"] += 1
+    by_objects[n_before, "exact"] += drawn == after
+    by_objects[n_before, "read back"] += read_back
     sides["drawn exact"] += drawn == after
     sides["both"] += right_change and drawn == after
     for i in range(world.GRID * world.GRID):
@@ -95,3 +101,6 @@ print(f"story cells drawn wrong: {wrong['changed', 'wrong']}/{wrong['changed', '
 print(f"story, the side of the model: condition nearest the right scene {sides['condition right']}/{args.n} (the LLM "
       f"side), drawn exact {sides['drawn exact']}/{args.n}, exact with the condition right {sides['both']}/"
       f"{sides['condition right']}; the condition reads back as the right objects {sides['read back']}/{args.n}")
+split = ", ".join(f"{k}: {by_objects[k, 'exact']}/{by_objects[k, 'read back']}/{by_objects[k, 'n']}"
+                  for k in range(1, world.MAX_SHAPES + 1) if by_objects[k, "n"])
+print(f"story, by the objects in the picture before the sentence: drawn exact / reads back right / stories: {split}")
