@@ -236,15 +236,16 @@ class SyntheticDataset(Dataset):
     rule) and its tail dropped. So resuming is exact: ask for the same rows. `batch(step, ...)` / `loader(...)` give
     training batches; with world_size ranks, step s uses rows [s*B*W, (s+1)*B*W), rank r the r-th B of them."""
 
-    def __init__(self, tok, n_image_tokens, seq_len, seed=0, split="train", image_size=world.IMAGE_SIZE, kinds=None):
+    def __init__(self, tok, n_image_tokens, seq_len, seed=0, split="train", image_size=world.IMAGE_SIZE, kinds=None,
+                 story_min_shapes=1):
         self.tok, self.n, self.seq_len, self.seed, self.split = tok, n_image_tokens, seq_len, seed, split
-        self.image_size, self.kinds = image_size, kinds or world.KINDS
+        self.image_size, self.kinds, self.story_min_shapes = image_size, kinds or world.KINDS, story_min_shapes
 
     def documents(self, k):
         rng = random.Random(f"{self.seed}:{self.split}:{k}")
         for i in range(1000):  # bounded: a seq_len too short for any document must not hang
             doc = world.synthetic_document(rng, rng.choices(list(self.kinds), list(self.kinds.values()))[0],
-                                           self.split, self.image_size)
+                                           self.split, self.image_size, self.story_min_shapes)
             yield *tokenize_document(doc, self.tok, self.n), f"synthetic:{k}:{i}"
 
     def __getitem__(self, k):

@@ -68,6 +68,7 @@ resume = False
 # data: "" = the synthetic world of world.py; else comma-separated .jsonl corpora (data.CorpusDataset)
 data_paths = ""
 kinds = "i2t:0.25,qa:0.15,t2i:0.35,story:0.25"  # synthetic document mixture (documents, not compute: see README)
+story_min_shapes = 1       # the fewest objects in a synthetic story's first scene (1: the world's own mix)
 seq_len = 128              # tiny: short rows; MMFS samples every image of a row for every token of it
 batch_size = 4             # rows per micro-batch per process
 grad_accum = 1             # micro-batches per step per process; global batch = batch_size * grad_accum * world_size
@@ -125,6 +126,7 @@ RANGES = {  # every numeric knob's valid values (cli.check_ranges), checked befo
     "warmup_steps": ">= 0", "min_lr_ratio": "[0, 1]", "grad_clip": ">= 0", "threads": ">= 0", "log_interval": ">= 1",
     "eval_interval": ">= 0", "eval_n": ">= 0", "eval_seed": ">= 0", "eval_steps": ">= 1", "eval_guidance": ">= 0",
     "ckpt_interval": ">= 0", "warm_steps": ">= 0", "warm_batch": ">= 1", "warm_lr": "> 0", "distill_weight": ">= 0",
+    "story_min_shapes": f"[1, {world.MAX_SHAPES}]",
 }
 # -----------------------------------------------------------------------------
 
@@ -345,7 +347,7 @@ def main(argv):
                                     seed=seed, rank=rank, world_size=world_size)
     else:
         synth = data.SyntheticDataset(tok, mcfg.n_image_tokens, seq_len, seed=seed, image_size=mcfg.image_size,
-                                      kinds=mix)
+                                      kinds=mix, story_min_shapes=story_min_shapes)
     data_pos = dict(ckpt["data_pos"]) if ckpt is not None else dict(epoch=0, micro=0)
 
 

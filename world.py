@@ -86,9 +86,9 @@ def split_of(scene):
     return "eval" if h % HELD_OUT == 0 else "train"
 
 
-def random_scene(rng, split="train"):
+def random_scene(rng, split="train", min_shapes=1):
     while True:
-        k = rng.randint(1, MAX_SHAPES)
+        k = rng.randint(min_shapes, MAX_SHAPES)
         scene = [None] * GRID * GRID
         for cell, colour in zip(rng.sample(range(GRID * GRID), k), rng.sample(list(COLOURS), k)):
             scene[cell] = (colour, rng.choice(SHAPES))
@@ -256,10 +256,11 @@ def parse_image(img):
     return tuple(scene)
 
 
-def synthetic_document(rng, kind, split="train", size=IMAGE_SIZE):
+def synthetic_document(rng, kind, split="train", size=IMAGE_SIZE, story_min_shapes=1):
     """One document of a kind: 't2i' caption then image, 'i2t' image then caption, 'qa' image then 1-3 question /
-    answer pairs, 'story' an image then 1-2 times (a sentence that changes one thing, the image after it)."""
-    scene = random_scene(rng, split)
+    answer pairs, 'story' an image then 1-2 times (a sentence that changes one thing, the image after it).
+    story_min_shapes: the fewest objects in a story's first scene (more: harder stories; 1: the world's own mix)."""
+    scene = random_scene(rng, split, story_min_shapes if kind == "story" else 1)
     if kind == "t2i":
         return [caption(scene), render(scene, size)]
     if kind == "i2t":

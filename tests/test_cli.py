@@ -98,6 +98,7 @@ def test_every_output_folder_is_checked_first(tmp_path, error_line):
     (["--warm_steps=5"], "--warm_steps needs the tiny world's --sd_path"),
     (["--distill_weight=1"], "--distill_weight needs the tiny world's --sd_path"),
     (["--distill_weight=-1"], "--distill_weight=-1.0: must be >= 0"),
+    (["--story_min_shapes=5"], "--story_min_shapes=5: must be in [1, 4]"),
 ])
 def test_train_flags_choices_and_limits(tmp_path, error_line, args, words):
     small = [f"--out_dir={tmp_path / 'o'}", "--max_steps=1", "--eval_n=0", "--sd_path="]

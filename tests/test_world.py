@@ -74,6 +74,21 @@ def test_story_sentences_parse_to_the_next_image():
             assert world.parse_change(doc[i], before) == after
 
 
+def test_story_min_shapes_sets_a_storys_first_scene_only():
+    def first_scenes(kind, **kw):
+        rng = random.Random(8)
+        return [world.parse_image(next(x for x in world.synthetic_document(rng, kind, **kw) if not isinstance(x, str)))
+                for _ in range(60)]
+
+    def objects(scene):
+        return sum(obj is not None for obj in scene)
+
+    assert first_scenes("story") == first_scenes("story", story_min_shapes=1)  # the default draws the same documents
+    assert min(map(objects, first_scenes("story"))) == 1
+    assert min(map(objects, first_scenes("story", story_min_shapes=3))) == 3
+    assert min(map(objects, first_scenes("qa", story_min_shapes=4))) == 1  # other kinds keep the world's own mix
+
+
 def test_scoring():
     ex = world.eval_examples("i2t", 1)[0]
     assert world.score(ex, ex["answer"])["exact"] == 1 and world.score(ex, "a red circle.")["exact"] == 0
