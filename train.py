@@ -176,6 +176,8 @@ def main(argv):
     if missing:
         raise SystemExit(f"error: --data_paths: no such file: {', '.join(missing)} "
                          "(expects comma-separated .jsonl files)")
+    for _k in [k for k in ("kinds", "story_min_shapes") if k in _updates] if data_files else []:
+        raise SystemExit(f"error: --{_k} shapes the synthetic world's documents; --data_paths reads corpora instead")
     config = {k: globals()[k] for k in knob_names}  # what the checkpoint and the log record
     if int(os.environ.get("RANK", 0)) == 0:
         for k, v in {**_updates, **model_overrides}.items():

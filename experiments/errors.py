@@ -87,10 +87,11 @@ for ex in world.eval_examples("story", args.n):
     sides["read back"] += read_back
     n_before = sum(obj is not None for obj in before)  # objects in the picture the sentence changes
     by_objects[n_before, "n"] += 1
-    by_objects[n_before, "exact"] += drawn == after
+    exact = drawn == after
+    by_objects[n_before, "exact"] += exact
     by_objects[n_before, "read back"] += read_back
-    sides["drawn exact"] += drawn == after
-    sides["both"] += right_change and drawn == after
+    sides["drawn exact"] += exact
+    sides["both"] += right_change and exact
     for i in range(world.GRID * world.GRID):
         kind = "changed" if after[i] != before[i] else "kept" if after[i] is not None else None
         if kind:

@@ -105,6 +105,15 @@ def test_train_flags_choices_and_limits(tmp_path, error_line, args, words):
     assert error_line(train.main, small + args).startswith(f"error: {words}")
 
 
+def test_synthetic_world_flags_with_a_corpus(tmp_path, error_line):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"text_list": ["a line."], "image_info": []}\n')
+    small = [f"--out_dir={tmp_path / 'o'}", "--max_steps=1", "--eval_n=0", "--sd_path=", f"--data={corpus}"]
+    for flag in ("--story_min_shapes=3", "--kinds=qa:1"):
+        assert error_line(train.main, small + [flag]) == (
+            f"error: {flag.split('=')[0]} shapes the synthetic world's documents; --data_paths reads corpora instead")
+
+
 def test_prompts_beyond_the_models_limits(tmp_path, error_line):
     long_text = "a red circle in the centre. " * 100
     line = error_line(sample.main, ["--ckpt=random", f"--out_dir={tmp_path}", f"--prompt={long_text}"])
