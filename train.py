@@ -29,6 +29,7 @@ Corpora (--data=a.jsonl,b.jsonl): bad lines are skipped and counted, per epoch a
 log.jsonl); a corpus with nothing usable stops the run at once. Ctrl-C stops with one line naming the last good
 checkpoint; a checkpoint being written is finished first (ckpt.pt and model.safetensors always match).
 """
+import functools
 import itertools
 import json
 import math
@@ -216,6 +217,9 @@ def main(argv):
             ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=True)
         except Exception as e:
             raise SystemExit(f"error: cannot read checkpoint {ckpt_file}: {str(e).splitlines()[0]}")
+        if model_overrides and model_overrides != ckpt["model_overrides"]:
+            raise SystemExit(f"error: model-config flags {model_overrides} differ from the checkpoint's "
+                             f"{ckpt['model_overrides']} ({ckpt_file}); --resume keeps the checkpoint's model")
         model_overrides = ckpt["model_overrides"]  # the architecture comes from the checkpoint
     try:
         if init_from:  # a model folder (checkpoints.save / out_dir) to evaluate or to train further
@@ -236,6 +240,12 @@ def main(argv):
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         flag = "--init_from" if init_from else "--sd_path" if sd_path else "--preset"
         raise SystemExit(f"error: {flag}: {str(e).splitlines()[0]}")
+    for k, v in model_overrides.items() if init_from else ():  # the folder's model: a flag may agree, not change it
+        have = functools.reduce(lambda c, f: c[f] if isinstance(c, dict) else getattr(c, f, None), k.split("."),
+                                model.cfg)
+        if have != v:
+            raise SystemExit(f"error: --{k}={v!r}: the model of --init_from={init_from} has {have!r} "
+                             "(its config.json); model-config flags build a new model, they do not change one")
     if quantize:  # the frozen LLM's Linear layers (the default filter: those that need no gradient)
         if not (model.cfg.components and model.cfg.freeze_llm):  # else saving would store the int8 weights
             raise SystemExit("error: --quantize=int8 is for a frozen LLM loaded from --llm_path (the official preset)")

@@ -114,6 +114,17 @@ def test_synthetic_world_flags_with_a_corpus(tmp_path, error_line):
             f"error: {flag.split('=')[0]} shapes the synthetic world's documents; --data_paths reads corpora instead")
 
 
+def test_model_config_flags_that_would_be_ignored(tmp_path, error_line, capsys):
+    small = [f"--out_dir={tmp_path / 'o'}", "--max_steps=1", "--eval_n=0", "--sd_path="]
+    train.main(small + [f"--out_dir={tmp_path / 'm'}", "--llm.n_layers=1"])
+    again = small + [f"--init_from={tmp_path / 'm'}", "--max_steps=0"]
+    train.main(again + ["--llm.n_layers=1"])  # agrees with the folder's model: fine
+    capsys.readouterr()  # the two runs' progress bars
+    assert error_line(train.main, again + ["--mmfs.points=4"]) == (
+        f"error: --mmfs.points=4: the model of --init_from={tmp_path / 'm'} has 2 (its config.json); "
+        "model-config flags build a new model, they do not change one")
+
+
 def test_prompts_beyond_the_models_limits(tmp_path, error_line):
     long_text = "a red circle in the centre. " * 100
     line = error_line(sample.main, ["--ckpt=random", f"--out_dir={tmp_path}", f"--prompt={long_text}"])

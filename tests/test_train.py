@@ -56,6 +56,8 @@ def test_resume_is_exact(tmp_path):
     for step in a:
         assert a[step] == pytest.approx(b[step], abs=1e-6), step
     assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "resumed"), 1e-6)
+    p = run([*common, "--max_steps=5", "--resume=True", "--llm.n_layers=3"], tmp_path / "resumed", check=False)
+    assert p.returncode != 0 and "--resume keeps the checkpoint's model" in p.stderr.strip().splitlines()[-1]
     ck = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)
     assert ck["step"] == 4 and not any(k.startswith(("_orig_mod.", "module.")) for k in ck["model"])
     assert {"optimizer", "scheduler", "rng", "data_pos"} <= ck.keys()
