@@ -147,6 +147,8 @@ def main(argv):
     globals().update(PRESET_KNOBS.get(_updates.get("preset", preset), {}))
     globals().update(_updates)
     cli.check_ranges({k: globals()[k] for k in knob_names}, RANGES)
+    if eval_only and not (eval_n and eval_kinds.strip(",")):
+        raise SystemExit("error: --eval_only=True scores held-out examples: it needs --eval_n >= 1 and --eval_kinds")
     if preset not in PRESETS:
         raise SystemExit(f"error: unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -241,8 +243,7 @@ def main(argv):
         flag = "--init_from" if init_from else "--sd_path" if sd_path else "--preset"
         raise SystemExit(f"error: {flag}: {str(e).splitlines()[0]}")
     for k, v in model_overrides.items() if init_from else ():  # the folder's model: a flag may agree, not change it
-        have = functools.reduce(lambda c, f: c[f] if isinstance(c, dict) else getattr(c, f, None), k.split("."),
-                                model.cfg)
+        have = functools.reduce(lambda d, f: d.get(f) if isinstance(d, dict) else None, k.split("."), asdict(model.cfg))
         if have != v:
             raise SystemExit(f"error: --{k}={v!r}: the model of --init_from={init_from} has {have!r} "
                              "(its config.json); model-config flags build a new model, they do not change one")

@@ -99,6 +99,7 @@ def test_every_output_folder_is_checked_first(tmp_path, error_line):
     (["--distill_weight=1"], "--distill_weight needs the tiny world's --sd_path"),
     (["--distill_weight=-1"], "--distill_weight=-1.0: must be >= 0"),
     (["--story_min_shapes=5"], "--story_min_shapes=5: must be in [1, 4]"),
+    (["--eval_only=True"], "--eval_only=True scores held-out examples: it needs --eval_n >= 1"),
 ])
 def test_train_flags_choices_and_limits(tmp_path, error_line, args, words):
     small = [f"--out_dir={tmp_path / 'o'}", "--max_steps=1", "--eval_n=0", "--sd_path="]
