@@ -5,14 +5,14 @@
 #      the text loss plus the condition distillation of every drawn image (distill.py) on the document mixture
 #   3. stage 2, the paper's two losses (the distillation kept as an auxiliary loss): the U-Net's MMFS taps learn
 #   4. stage 3 (tiny-only): questions only, the text loss only: finding a named colour ("where is the red shape?")
-#   5. stage 4 (tiny-only): a quarter questions, three quarters stories, the distillation (weight 3) for the
-#      stories: the same lookup for an edit
+#   5. stage 4 (tiny-only): a fifth questions, a tenth text-to-image, the rest stories whose first scene holds 3-4
+#      objects (the stories the model missed), the distillation (weight 3) for the pictures: the same lookup for an edit
 #   6. stage 5, stage 2 again, shorter, the distillation at weight 3: a lone picture is captioned again, the U-Net
 #      taps follow -> assets/tiny.
 #   The MMI stages run as 2 processes of 1 thread.
-# The shipped stage 4 also evaluated at steps 1500 and 3000 (--eval_interval=1500: its log has the curve); an
-# evaluation does not change the weights (tests/test_train.py; the shipped stage 4 run with and without them wrote
-# byte-identical weights). Stages 2 and 5 evaluate once, at their end.
+# Stages 1, 3 and 4 evaluate during the stage (their logs have the curve), stages 2 and 5 once, at their end; an
+# evaluation does not change the weights (tests/test_train.py; a stage 4 run with and without them wrote
+# byte-identical weights).
 # Each stage keeps its log beside its weights (assets/tiny-sd/log.jsonl, assets/tiny/log-stage1.jsonl ...
 # log-stage5.jsonl). assets/world.model, the tokenizer, is built by assets/make_world_tokenizer.py (needs
 # sentencepiece, a test-only dependency) and is not rebuilt here.
@@ -28,7 +28,7 @@ $MMI --out_dir="$OUT/stage2" --init_from="$OUT/stage1" --distill_weight=1 --lr=5
 $MMI --out_dir="$OUT/stage3" --init_from="$OUT/stage2" --diffusion=False --lr=5e-4 \
     --kinds=qa:1 --max_steps=2000 --eval_interval=500 --eval_kinds=qa
 $MMI --out_dir="$OUT/stage4" --init_from="$OUT/stage3" --diffusion=False --distill_weight=3 --lr=5e-4 \
-    --kinds=qa:0.25,story:0.75 --max_steps=4500 --eval_kinds=qa,story
+    --kinds=qa:0.2,t2i:0.1,story:0.7 --story_min_shapes=3 --max_steps=4500 --eval_kinds=qa,t2i,story --eval_interval=1500
 $MMI --out_dir="$OUT/stage5" --init_from="$OUT/stage4" --distill_weight=3 --lr=5e-4 \
     --kinds=i2t:0.4,qa:0.25,t2i:0.1,story:0.25 --max_steps=600
 mkdir -p assets/tiny
