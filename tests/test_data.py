@@ -101,6 +101,17 @@ def test_synthetic_batches_deterministic_resumable(tok):
     assert not torch.equal(other["tokens"], b["tokens"])
 
 
+
+def test_synthetic_story_min_shapes_reaches_the_rows(tok):
+    """train.py --story_min_shapes -> SyntheticDataset: stories start from at least that many objects."""
+    def objects_per_picture(**kw):
+        images = data.SyntheticDataset(tok, 16, 512, kinds={"story": 1.0}, **kw).batch(0, 4)["images"]
+        pictures = [Image.fromarray((im.permute(1, 2, 0) * 255).round().byte().numpy()) for im in images]
+        return [sum(obj is not None for obj in world.parse_image(p)) for p in pictures]
+
+    assert min(objects_per_picture()) == 1  # the world's own mix: 1 to 4 objects
+    assert min(objects_per_picture(story_min_shapes=4)) >= 2  # 4, then at most two edits that each remove one
+
 @pytest.fixture()
 def corpus(tmp_path):
     world.render(world.make_scene({"centre": ("red", "circle")})).save(tmp_path / "ok.png")
