@@ -101,7 +101,6 @@ def test_synthetic_batches_deterministic_resumable(tok):
     assert not torch.equal(other["tokens"], b["tokens"])
 
 
-
 def test_synthetic_story_min_shapes_reaches_the_rows(tok):
     """train.py --story_min_shapes -> SyntheticDataset: stories start from at least that many objects."""
     def objects_per_picture(**kw):
@@ -111,6 +110,7 @@ def test_synthetic_story_min_shapes_reaches_the_rows(tok):
 
     assert min(objects_per_picture()) == 1  # the world's own mix: 1 to 4 objects
     assert min(objects_per_picture(story_min_shapes=4)) >= 2  # 4, then at most two edits that each remove one
+
 
 @pytest.fixture()
 def corpus(tmp_path):
