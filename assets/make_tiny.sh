@@ -7,10 +7,10 @@
 #   4. stage 3 (tiny-only): questions only, the text loss only: finding a named colour ("where is the red shape?")
 #   5. stage 4 (tiny-only): a fifth questions, a tenth text-to-image, the rest stories whose first scene holds 3-4
 #      objects (the stories the model missed), the distillation (weight 3) for the pictures: the same lookup for an edit
-#   6. stage 5, stage 2 again, shorter, the distillation at weight 3: a lone picture is captioned again, the U-Net
+#   6. stage 5, stage 2 again (as long), the distillation at weight 3: a lone picture is captioned again, the U-Net
 #      taps follow -> assets/tiny.
 #   The MMI stages run as 2 processes of 1 thread.
-# Stages 1, 3 and 4 evaluate during the stage (their logs have the curve), stages 2 and 5 once, at their end; an
+# Stages 1, 3, 4 and 5 evaluate during the stage (their logs have the curve), stage 2 once, at its end; an
 # evaluation does not change the weights (tests/test_train.py; a stage 4 run with and without them wrote
 # byte-identical weights).
 # Each stage keeps its log beside its weights (assets/tiny-sd/log.jsonl, assets/tiny/log-stage1.jsonl ...
@@ -30,7 +30,7 @@ $MMI --out_dir="$OUT/stage3" --init_from="$OUT/stage2" --diffusion=False --lr=5e
 $MMI --out_dir="$OUT/stage4" --init_from="$OUT/stage3" --diffusion=False --distill_weight=3 --lr=5e-4 \
     --kinds=qa:0.2,t2i:0.1,story:0.7 --story_min_shapes=3 --max_steps=4500 --eval_kinds=qa,t2i,story --eval_interval=1500
 $MMI --out_dir="$OUT/stage5" --init_from="$OUT/stage4" --distill_weight=3 --lr=5e-4 \
-    --kinds=i2t:0.4,qa:0.25,t2i:0.1,story:0.25 --max_steps=600
+    --kinds=i2t:0.4,qa:0.25,t2i:0.1,story:0.25 --max_steps=1200 --eval_interval=600
 mkdir -p assets/tiny
 cp "$OUT/stage5/model.safetensors" "$OUT/stage5/config.json" assets/tiny/
 for i in 1 2 3 4 5; do cp "$OUT/stage$i/log.jsonl" "assets/tiny/log-stage$i.jsonl"; done
