@@ -1,10 +1,11 @@
-"""Where a model's held-out answers go wrong: questions by kind, and a story's next picture by the cells its sentence
-changes and the cells it keeps; and which side of the model a wrong picture comes from: the decoder's condition (the
-LLM reading the sentence and the previous picture) is compared with the tiny SD text encoding of every scene one change
-away from the previous one (distill.py's set-matched distance), so "nearest the right scene" says the LLM side
-applied the right change; and each slot of the condition is read back as its nearest phrase token (one object, or
-<pad>), so "reads back as the right objects" says every object, kept or changed, is written right. The stories are
-also split by how many objects the picture before the sentence holds (1 to 4).
+"""Where a model's held-out answers go wrong: captions by the objects in the picture (and how many are a story's
+sentence instead: a lone picture also starts a story), questions by kind, and a story's next picture by the cells its
+sentence changes and the cells it keeps; and which side of the model a wrong picture comes from: the decoder's
+condition (the LLM reading the sentence and the previous picture) is compared with the tiny SD text encoding of every
+scene one change away from the previous one (distill.py's set-matched distance), so "nearest the right scene" says
+the LLM side applied the right change; and each slot of the condition is read back as its nearest phrase token (one
+object, or <pad>), so "reads back as the right objects" says every object, kept or changed, is written right. The
+stories are also split by how many objects the picture before the sentence holds (1 to 4).
 
     python experiments/errors.py [CKPT] [--n=50]     # default assets/tiny; the held-out examples of train.py's eval
     python experiments/errors.py --split=train --n=100   # the conditions only, for stories of training scenes
@@ -51,6 +52,19 @@ for ex in world.eval_examples("qa", args.n) if args.split == "eval" else []:
     right[kind] += world.score(ex, answer)["exact"]
 if asked:
     print("questions right, by kind:", ", ".join(f"{k} {right[k]:.0f}/{asked[k]}" for k in sorted(asked)))
+
+captions = Counter()
+for ex in world.eval_examples("i2t", args.n) if args.split == "eval" else []:
+    items = generate(model, ex["prompt"], max_new_tokens=160, max_images=0, **opts)
+    text = next((x for x in items if isinstance(x, str)), "")
+    k = sum(obj is not None for obj in ex["scene"])
+    captions[k, "n"] += 1
+    captions[k, "right"] += world.score(ex, text)["exact"]
+    captions[k, "story"] += world.parse_change(text, ex["scene"]) is not None
+if captions:
+    print("captions, by the objects in the picture: right / a story's sentence instead / pictures:", ", ".join(
+        f"{k}: {captions[k, 'right']:.0f}/{captions[k, 'story']}/{captions[k, 'n']}"
+        for k in range(1, world.MAX_SHAPES + 1) if captions[k, "n"]))
 
 text_encoder = TextEncoder.from_pretrained(args.sd_path)
 
