@@ -42,12 +42,18 @@ model = checkpoints.build_model(ckpt=args.ckpt).eval()
 opts = dict(temperature=0.0, steps=SAMPLING["steps"], sampler=SAMPLING["sampler"], guidance=SAMPLING["guidance"],
             generator=torch.Generator().manual_seed(0))
 
+
+def text_answer(prompt, max_new_tokens):
+    """The model's greedy text after the prompt, up to a BoI or </s>."""
+    items = generate(model, prompt, max_new_tokens=max_new_tokens, max_images=0, **opts)
+    return next((x for x in items if isinstance(x, str)), "")
+
+
 right, asked = Counter(), Counter()
 for ex in world.eval_examples("qa", args.n) if args.split == "eval" else []:
     question = ex["prompt"][1].removeprefix("question: ").removesuffix(" answer:")
     kind = question.split()[0] if not question.startswith("what") else " ".join(question.split()[:2])
-    items = generate(model, ex["prompt"], max_new_tokens=20, max_images=0, **opts)
-    answer = next((x for x in items if isinstance(x, str)), "")
+    answer = text_answer(ex["prompt"], 20)
     asked[kind] += 1
     right[kind] += world.score(ex, answer)["exact"]
 if asked:
@@ -55,8 +61,7 @@ if asked:
 
 captions = Counter()
 for ex in world.eval_examples("i2t", args.n) if args.split == "eval" else []:
-    items = generate(model, ex["prompt"], max_new_tokens=160, max_images=0, **opts)
-    text = next((x for x in items if isinstance(x, str)), "")
+    text = text_answer(ex["prompt"], 160)
     k = sum(obj is not None for obj in ex["scene"])
     captions[k, "n"] += 1
     captions[k, "right"] += world.score(ex, text)["exact"]
