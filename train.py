@@ -39,6 +39,7 @@ import re
 import signal
 import sys
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -324,8 +325,11 @@ def main(argv):
     if ddp:
         # FSDP would plug in here instead (torch.distributed.fsdp.fully_shard on each LLM block and the U-Net) when
         # the trainable weights plus AdamW state do not fit one GPU; everything else in this file stays the same.
-        # the loss below takes every trainable parameter into every step, so no find_unused_parameters
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+        # a batch without images (or whose images have no context) leaves some parameters unused: DDP finds them
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, find_unused_parameters=True)
+        # the 1x1 and depthwise conv weights' gradients come with other strides on their size-1 dims (the same
+        # memory order): DDP copies them instead of using a view, at no cost worth a warning
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     if master:
         counts = raw_model.param_counts()
         n_all, n_train = sum(a for a, _ in counts.values()), sum(b for _, b in counts.values())
@@ -427,21 +431,30 @@ def main(argv):
 
     @torch.no_grad()
     def evaluate(m, n=eval_n, kinds=eval_kinds):
+        """Held-out scores (a collective: every rank calls it). Rank r scores examples r, r + world_size, ...; each
+        example draws from its own noise (world.eval_examples' noise_seed), so the scores do not depend on the number
+        of processes or on the other kinds evaluated."""
         m.eval()
-        gen = torch.Generator(device).manual_seed(eval_seed)
-        opts = dict(temperature=0.0, steps=eval_steps, sampler=eval_sampler, guidance=eval_guidance, generator=gen)
-        metrics = {}
+        opts = dict(temperature=0.0, steps=eval_steps, sampler=eval_sampler, guidance=eval_guidance)
+        mine = {}  # (kind, index) -> score, for this rank's examples
         for kind in [k for k in kinds.split(",") if k]:
-            scores = []
-            for ex in world.eval_examples(kind, n, seed=eval_seed, size=mcfg.image_size):
+            for i, ex in enumerate(world.eval_examples(kind, n, seed=eval_seed, size=mcfg.image_size)):
+                if i % world_size != rank:
+                    continue
+                gen = torch.Generator(device).manual_seed(ex["noise_seed"])
                 if kind in ("i2t", "qa"):  # text answer; greedy
-                    items = generate(m, ex["prompt"], max_new_tokens=160 if kind == "i2t" else 20, max_images=0, **opts)
+                    items = generate(m, ex["prompt"], max_new_tokens=160 if kind == "i2t" else 20, max_images=0,
+                                     generator=gen, **opts)
                     pred = next((x for x in items if isinstance(x, str)), "")
                 else:  # the prompt ends where an image must come: start it at once
-                    pred = draw_image(m, ex["prompt"], **opts)
-                scores.append(world.score(ex, pred))
-            for key in scores[0]:
-                metrics[f"{kind}_{key}"] = sum(s[key] for s in scores) / len(scores)
+                    pred = draw_image(m, ex["prompt"], generator=gen, **opts)
+                mine[kind, i] = world.score(ex, pred)
+        scores = {k: v for part in gather(mine) for k, v in part.items()}
+        metrics = {}
+        for kind in [k for k in kinds.split(",") if k]:
+            of_kind = [scores[kind, i] for i in range(n)]
+            for key in of_kind[0]:
+                metrics[f"{kind}_{key}"] = sum(s[key] for s in of_kind) / n
         m.train()
         return metrics
 
@@ -510,8 +523,11 @@ def main(argv):
 
 
     if eval_only:  # score the model (--init_from) on the held-out scenes and print one JSON line
+        metrics = evaluate(raw_model)
         if master:
-            print(json.dumps({k: round(v, 4) for k, v in evaluate(raw_model).items()}))
+            print(json.dumps({k: round(v, 4) for k, v in metrics.items()}))
+        if ddp:
+            dist.destroy_process_group()
         sys.exit(0)
     last_good = start_step if ckpt is not None else None
     model.train()
@@ -537,12 +553,13 @@ def main(argv):
                 distill_v = (distill.drawn_loss(out_, batch.get("images"), text_encoder) if distill_weight
                              else torch.zeros((), device=device))
                 total = out_["loss"] + distill_weight * distill_v
-                # + exactly zero from every trainable parameter: a batch without images (or whose images have no
-                # context) leaves some unused, and DDP then needs no find_unused_parameters
-                loss = (total + 0.0 * sum(p.reshape(-1)[0] for p in trainable)) / grad_accum
+                loss = total / grad_accum
             scaler.scale(loss).backward()
             sums += torch.tensor([total.item(), out_["text_loss"].item(), out_["image_loss"].item(), distill_v.item(),
                                   int((batch["tokens"] != tok.pad_id).sum()), out_["n_images"]], dtype=torch.float64)
+        for p in trainable:  # a parameter this step did not use: a zero gradient, so AdamW still decays it
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         if ddp:
             dist.all_reduce(sums)
         n_micro = grad_accum * world_size
@@ -572,14 +589,12 @@ def main(argv):
                 save_checkpoint(step + 1)
                 last_good = step + 1
         if (eval_interval and (step + 1) % eval_interval == 0) or (done and eval_n > 0):
+            te = time.time()
+            metrics = evaluate(raw_model)  # every rank scores its share
+            t0 += time.time() - te  # throughput counts training time only
             if master:
-                te = time.time()
-                metrics = evaluate(raw_model)
-                t0 += time.time() - te  # throughput counts training time only
                 log(dict(step=step + 1, eval=metrics, eval_time=time.time() - te))
                 tqdm.write(f"step {step + 1} eval: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-            if ddp:
-                dist.barrier()
     pbar.close()
     counts = all_ranks(stats)
     if master:

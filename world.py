@@ -282,8 +282,9 @@ def synthetic_document(rng, kind, split="train", size=IMAGE_SIZE, story_min_shap
 
 def eval_examples(kind, n, seed=0, size=IMAGE_SIZE):
     """n held-out examples of a kind, each a dict: "kind", "prompt" (document items to condition on), "scene" (the
-    scene the answer is about) and, for text answers, "answer". The model continues the prompt with text (i2t, qa)
-    or an image (t2i, story: the image after the last sentence); `score` grades the continuation."""
+    scene the answer is about), "noise_seed" (the seed of its own sampling noise: a drawn picture then depends on
+    the example alone) and, for text answers, "answer". The model continues the prompt with text (i2t, qa) or an
+    image (t2i, story: the image after the last sentence); `score` grades the continuation."""
     rng = random.Random(f"eval:{seed}:{kind}")
     out = []
     while len(out) < n:
@@ -308,7 +309,8 @@ def eval_examples(kind, n, seed=0, size=IMAGE_SIZE):
             ex = {"prompt": prompt[:-1]}  # the last image is what the model must draw
         else:
             raise ValueError(f"unknown eval kind {kind!r}")
-        out.append({"kind": kind, "scene": scene, **ex})
+        noise_seed = int(hashlib.md5(f"eval:{seed}:{kind}:{len(out)}".encode()).hexdigest(), 16) % 2**63
+        out.append({"kind": kind, "scene": scene, **ex, "noise_seed": noise_seed})
     return out
 
 

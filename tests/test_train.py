@@ -101,6 +101,21 @@ def test_ddp_two_processes_equal_one(tmp_path):
     assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"), 1e-5)
 
 
+def test_ddp_step_that_leaves_parameters_unused_still_moves_them(tmp_path):
+    """Without the U-Net pass (--diffusion=False) the image decoder takes no part in the loss: DDP finds those
+    parameters unused, and they get a zero gradient, so AdamW still decays them (as it does every other parameter)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    common = ["--batch_size=1", "--warmup_steps=1", "--diffusion=False", "--weight_decay=0.5"]
+    run([*common, "--max_steps=1"], tmp_path / "one", launcher=launcher)
+    run([*common, "--max_steps=2"], tmp_path / "two", launcher=launcher)
+    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    # its decayed weights (matrices; not the sampling offsets, and not the zero-initialised taps: 0 decays to 0),
+    # the U-Net's included: trained here (no --sd_path)
+    decoder = [k for k in one if k.startswith("image_decoder.") and one[k].dim() >= 2 and one[k].any()
+               and "sampling_offsets" not in k]
+    assert decoder and [k for k in decoder if torch.equal(one[k], two[k])] == []
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     out = tmp_path / "nan"
     p = run(["--batch_size=1", "--max_steps=6", "--ckpt_interval=1", "--warmup_steps=1", "--lr=1e30",
@@ -211,6 +226,30 @@ def test_eval_only_prints_every_metric(tmp_path):
     assert {"i2t_exact", "qa_exact", "t2i_cell_acc", "t2i_object_acc", "story_cell_acc",
             "story_object_acc"} <= metrics.keys()
     assert all(0 <= v <= 1 for v in metrics.values())
+
+
+def test_evaluation_draws_each_example_from_its_own_noise(tmp_path):
+    """Held-out scores do not depend on the number of processes (rank r scores examples r, r + 2, ...) or on the
+    kinds evaluated before: each example draws from its own noise. The score here is the drawn picture's mean
+    pixel, which any other noise moves (a random model: its pictures are the noise, shaped)."""
+    from checkpoints import build_model, save
+    save(build_model("tiny", freeze_unet=False), tmp_path / "model")
+    script = tmp_path / "eval_pixels.py"  # train.py with world.score replaced by the picture's mean pixel
+    script.write_text(f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nimport train, world\n"
+                      "world.score = lambda ex, pred: {'mean': float(pred.mean())}\ntrain.main(sys.argv[1:])\n")
+
+    def scores(kinds, launcher=(sys.executable,)):
+        cmd = [*launcher, str(script), "--eval_only=True", f"--init_from={tmp_path / 'model'}", "--eval_n=3",
+               f"--eval_kinds={kinds}", "--eval_steps=2", "--threads=1", f"--out_dir={tmp_path / 'o'}"]
+        p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return json.loads(p.stdout.strip().splitlines()[-1])
+
+    one = scores("t2i,story")
+    two = scores("t2i,story", launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                        "--nproc_per_node=2"))
+    assert one == two
+    assert scores("story")["story_mean"] == one["story_mean"]
 
 
 def test_built_on_a_tiny_stable_diffusion_keeps_its_unet_frozen(tmp_path):
