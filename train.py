@@ -10,6 +10,8 @@ Train MM-Interleaved: the tiny model on the synthetic world (default), or the of
     python train.py --sd_path= --kinds=i2t:0.7,qa:0.1,t2i:0.1,story:0.1 --max_steps=1550   # all from scratch
     python train.py --max_steps=50 --eval_interval=25 --out_dir=out-try     # a short try
     python train.py --eval_only=True --init_from=assets/tiny --eval_n=100  # held-out scores as one JSON line
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 train.py --eval_only=True --init_from=assets/tiny
+        # the same scores, the held-out examples split between 2 processes (each example has its own noise)
     python train.py --out_dir=out-tiny --resume=True  # continue exactly where the last checkpoint stopped
     python train.py --n_image_tokens=8 --llm.n_layers=6                    # model-config overrides (mmi.MMIConfig)
     torchrun --standalone --nproc_per_node=2 train.py # DDP (gloo on CPU, NCCL on GPUs); same result as 1 process
