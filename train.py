@@ -590,7 +590,7 @@ def main(argv):
             with ctrl_c_deferred():
                 save_checkpoint(step + 1)
                 last_good = step + 1
-        if (eval_interval and (step + 1) % eval_interval == 0) or (done and eval_n > 0):
+        if eval_n and ((eval_interval and (step + 1) % eval_interval == 0) or done):
             te = time.time()
             metrics = evaluate(raw_model)  # every rank scores its share
             t0 += time.time() - te  # throughput counts training time only

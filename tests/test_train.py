@@ -79,6 +79,11 @@ def test_evaluations_do_not_change_the_training(tmp_path):
     assert_same_weights(weights(tmp_path / "evaluated"), weights(tmp_path / "plain"), 0.0)
 
 
+def test_eval_interval_with_no_examples_evaluates_nothing(tmp_path):
+    run(["--batch_size=1", "--max_steps=2", "--eval_interval=1"], tmp_path / "o")  # SMALL sets --eval_n=0
+    assert not any("eval" in json.loads(x) for x in open(tmp_path / "o" / "log.jsonl"))
+
+
 def test_corrupt_checkpoint_is_one_clear_error(tmp_path):
     out = tmp_path / "c"
     out.mkdir()
