@@ -438,8 +438,9 @@ def main(argv):
         of processes or on the other kinds evaluated."""
         m.eval()
         opts = dict(temperature=0.0, steps=eval_steps, sampler=eval_sampler, guidance=eval_guidance)
+        kind_list = [k for k in kinds.split(",") if k]
         mine = {}  # (kind, index) -> score, for this rank's examples
-        for kind in [k for k in kinds.split(",") if k]:
+        for kind in kind_list:
             for i, ex in enumerate(world.eval_examples(kind, n, seed=eval_seed, size=mcfg.image_size)):
                 if i % world_size != rank:
                     continue
@@ -453,7 +454,7 @@ def main(argv):
                 mine[kind, i] = world.score(ex, pred)
         scores = {k: v for part in gather(mine) for k, v in part.items()}
         metrics = {}
-        for kind in [k for k in kinds.split(",") if k]:
+        for kind in kind_list:
             of_kind = [scores[kind, i] for i in range(n)]
             for key in of_kind[0]:
                 metrics[f"{kind}_{key}"] = sum(s[key] for s in of_kind) / n

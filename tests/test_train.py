@@ -23,8 +23,8 @@ SMALL = ["--seq_len=128", "--n_image_tokens=4", "--llm.n_layers=2", "--llm.dim=6
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
-def run(args, out, launcher=None, check=True, timeout=600, small=SMALL):
-    cmd = (launcher or [sys.executable]) + [str(ROOT / "train.py"), f"--out_dir={out}", *small, *args]
+def run(args, out, launcher=None, check=True, timeout=600, small=SMALL, script=ROOT / "train.py"):
+    cmd = (launcher or [sys.executable]) + [str(script), f"--out_dir={out}", *small, *args]
     p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
@@ -243,16 +243,14 @@ def test_evaluation_draws_each_example_from_its_own_noise(tmp_path):
     script.write_text(f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nimport train, world\n"
                       "world.score = lambda ex, pred: {'mean': float(pred.mean())}\ntrain.main(sys.argv[1:])\n")
 
-    def scores(kinds, launcher=(sys.executable,)):
-        cmd = [*launcher, str(script), "--eval_only=True", f"--init_from={tmp_path / 'model'}", "--eval_n=3",
-               f"--eval_kinds={kinds}", "--eval_steps=2", "--threads=1", f"--out_dir={tmp_path / 'o'}"]
-        p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-        assert p.returncode == 0, p.stderr[-3000:]
+    def scores(kinds, launcher=None):
+        p = run(["--eval_only=True", f"--init_from={tmp_path / 'model'}", "--eval_n=3", f"--eval_kinds={kinds}",
+                 "--eval_steps=2"], tmp_path / "o", launcher=launcher, small=["--threads=1"], script=script)
         return json.loads(p.stdout.strip().splitlines()[-1])
 
     one = scores("t2i,story")
-    two = scores("t2i,story", launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                        "--nproc_per_node=2"))
+    two = scores("t2i,story", launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                        "--nproc_per_node=2"])
     assert one == two
     assert scores("story")["story_mean"] == one["story_mean"]
 
